@@ -1,0 +1,8 @@
+"""distillsr: lightweight single-image super-resolution (ASID, RFDN/E-RFDN, FDIWN/FDIWN-M)."""
+from .registry import create_model, list_models, model_info, register_model
+from .checkpoint import CheckpointError, load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = ["create_model", "list_models", "model_info", "register_model",
+           "load_model", "save_model", "CheckpointError", "__version__"]
