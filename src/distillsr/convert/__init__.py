@@ -2,11 +2,11 @@
 
 Importing this package registers one recogniser per released format.
 """
-from . import asid  # noqa: F401
+import importlib
 
-for _name in ("rfdn", "fdiwn"):
-    try:  # pragma: no cover - while a family is being added
-        __import__(f"{__name__}.{_name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{_name}":
+for _family in ("asid", "rfdn", "fdiwn"):
+    try:
+        importlib.import_module(f"{__name__}.{_family}")
+    except ModuleNotFoundError as e:  # pragma: no cover - a family not yet added
+        if e.name != f"{__name__}.{_family}":
             raise
