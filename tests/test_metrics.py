@@ -68,6 +68,17 @@ def test_psnr_on_rgb_uses_y():
     assert p == pytest.approx(20 * math.log10(255 / (10 * 65.481 / 255)), abs=1e-4)
 
 
+def test_psnr_and_ssim_take_images_and_crop():
+    hr = _ramp_image(channels=3)
+    sr = hr.copy()
+    sr[5:9, 7:12, 2] += 9
+    sr[0, :, :] = 0  # inside the border crop
+    p, s = psnr_ssim(sr, hr, 2)
+    assert psnr(sr, hr, crop=2) == p and ssim(sr, hr, crop=2) == s
+    assert ssim(sr, hr, "matlab", crop=2) == psnr_ssim(sr, hr, 2, ssim_variant="matlab")[1]
+    assert psnr(sr, hr) < p
+
+
 def test_border_crop_is_scale_pixels():
     hr = _ramp_image(channels=3)
     sr = hr.copy()

@@ -98,12 +98,30 @@ def y_channel(img: np.ndarray, grey: str = "replicate", *, grey_image: bool = No
     return rgb_to_y(img)
 
 
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
-    """PSNR in dB of two same-sized arrays, float64; ``inf`` when identical."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ: {a.shape} vs {b.shape}")
+def _prepare(a, b, crop: int, what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Two images to score: 2-D arrays as they are; uint8 H x W x C images as their Y
+    (``y_channel``, grey convention 'replicate'); then ``crop`` border pixels cut."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 3 or b.ndim == 3:
+        a, b = y_channel(a), y_channel(b)
+    a = a.astype(np.float64, copy=False)
+    b = b.astype(np.float64, copy=False)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"{what}: expected two same-sized images, got shapes {a.shape} and {b.shape}")
+    if crop:
+        if crop < 0 or 2 * crop >= min(a.shape):
+            raise ValueError(f"{what}: border crop {crop} does not fit an image of {a.shape[1]}x{a.shape[0]}")
+        a, b = a[crop:-crop, crop:-crop], b[crop:-crop, crop:-crop]
+    return a, b
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0, *, crop: int = 0) -> float:
+    """PSNR in dB, float64; ``inf`` when identical.
+
+    ``a``, ``b``: 2-D arrays (e.g. Y channels, 0..``peak``) scored as they are, or
+    uint8 H x W x 3 images scored on Y. ``crop``: border pixels cut first.
+    """
+    a, b = _prepare(a, b, crop, "psnr")
     mse = np.mean((a - b) ** 2)
     if mse == 0:
         return math.inf
@@ -129,18 +147,17 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return out
 
 
-def ssim(a: np.ndarray, b: np.ndarray, variant: str = "wang", peak: float = 255.0) -> float:
-    """Mean SSIM of two greyscale images on the 0..``peak`` scale (float64).
+def ssim(a: np.ndarray, b: np.ndarray, variant: str = "wang", peak: float = 255.0, *,
+         crop: int = 0) -> float:
+    """Mean SSIM (float64) of two images: 2-D arrays on the 0..``peak`` scale, or
+    uint8 H x W x 3 images (scored on Y); ``crop`` border pixels cut first.
 
     ``wang``: 'valid' Gaussian filtering, constants from L = peak. ``matlab``:
     the images are divided by ``peak`` (L = 1) and filtered with replicated
     borders. Both: 11x11 window, sigma 1.5, K1 = 0.01, K2 = 0.03.
     """
     _check_name(variant, SSIM_VARIANTS, "SSIM variant")
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"ssim: expected two same-sized 2-D images, got {a.shape} and {b.shape}")
+    a, b = _prepare(a, b, crop, "ssim")
     g = _gaussian()
     if variant == "matlab":
         a, b, L = a / peak, b / peak, 1.0
@@ -180,10 +197,7 @@ def psnr_ssim(sr: np.ndarray, hr: np.ndarray, crop: int, *, ssim_variant: str = 
     grey_image = hr.shape[2] == 1
     y_sr = y_channel(sr, grey, grey_image=grey_image)
     y_hr = y_channel(hr, grey, grey_image=grey_image)
-    if crop:
-        y_sr = y_sr[crop:-crop, crop:-crop]
-        y_hr = y_hr[crop:-crop, crop:-crop]
-    return psnr(y_sr, y_hr), ssim(y_sr, y_hr, ssim_variant)
+    return psnr(y_sr, y_hr, crop=crop), ssim(y_sr, y_hr, ssim_variant, crop=crop)
 
 
 def mean_scores(scores: Iterable[Tuple[float, float]]) -> Dict[str, float]:
