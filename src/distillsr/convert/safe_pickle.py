@@ -20,6 +20,7 @@ members to disk.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import pickle
 import tarfile
@@ -55,6 +56,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     # torch.load subclasses this and resolves "...Storage" names itself (to storage
     # types, which hold no code); every other name comes here.
     def find_class(self, module: str, name: str):
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # Python 2 names (protocol 2)
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except (KeyError, TypeError):
@@ -94,4 +96,6 @@ def load_restricted(path, first_error: Exception):
     except CheckpointError:
         raise
     except Exception as e:  # truncated, corrupt, or not a torch file at all
+        if isinstance(e, (EOFError, pickle.UnpicklingError)) and "truncated" in str(e):
+            raise CheckpointError(f"{path}: cannot load checkpoint: truncated file ({e})") from first_error
         raise _describe_load_error(path, e) from first_error
