@@ -176,3 +176,13 @@ def test_chop_top_left_is_the_models_output_on_the_top_left_quadrant():
         quadrant = model(x[..., :34, :30])
     assert torch.equal(chopped[..., :48, :40], quadrant[..., :48, :40])
     assert (chopped - whole).abs().max().item() * 255 > ATOL
+
+
+def test_weight_norm_parameters_are_trained():
+    torch.manual_seed(0)
+    m = distillsr.create_model("fdiwn-m", 2)
+    m(torch.rand(2, 3, 8, 8)).abs().mean().backward()
+    conv = m.fswg[1].wdib[2].wirw_b2.body[3]
+    g, v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
+    assert g.grad is not None and v.grad is not None
+    assert torch.isfinite(g.grad).all() and g.grad.abs().sum() > 0
