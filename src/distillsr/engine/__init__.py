@@ -1,0 +1,1 @@
+"""Engines: inference (tiling), upscaling of image files, training."""
