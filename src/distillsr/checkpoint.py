@@ -162,8 +162,8 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> torc
     try:
         model.load_state_dict(rec.state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {rec.arch} x{rec.scale}: "
-                              f"{str(e).splitlines()[0]}") from e
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise CheckpointError(f"{path}: weights do not fit {rec.arch} x{rec.scale}: {detail}") from e
     model.set_pixel_range(*rec.pixel_range)
     model.checkpoint_source = rec.source or "distillsr"
     return model.to(device).eval()

@@ -1,0 +1,422 @@
+"""ASID: Attention-Sharing Information Distillation transformer (Park et al., AAAI 2025).
+
+The network, in the paper's terms (Eq. 1-3):
+
+    F0 = head(I_LR)                       shallow 3x3 conv
+    F_i = IDB_i(F_{i-1}),  i = 1..N       information distillation blocks
+    I_SR = upsampler(fuse(F_N) + F0)      3x3 conv, conv + pixel shuffle
+
+Each IDB distils features in three steps. Step k runs a local module (LM) and a
+spatial attention module (SAM: a meso unit on 8x8 windows, then a global unit on a
+sparse 8x8 grid spanning the image) and splits off a refined slice; a channel
+attention module (CAM) finishes the block, followed by a 1x1 conv, the block
+residual and ESA. The first IDB computes the six attention matrices (meso/global
+for SAM1..3) and later IDBs reuse them ("attention sharing"): their SAM units only
+project values, so they never compute queries, keys or a softmax.
+
+Ablations of the paper (Tables 3 and 4, Fig. 7) are options: ``blocks`` (N),
+``sharing`` ("inter", "intra", "none") and ``channel_split``; ``asid-baseline``
+is the serial LM -> SAM -> CAM baseline.
+
+The layer layout follows the authors' release exactly, so their checkpoints load
+through ``distillsr.convert.asid``; this file uses our own names.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register_model
+from .base import SRNet
+
+WINDOW = 8  # side of the attention windows and grids (fixed in the release)
+Matrices = List[Optional[torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- basics
+class LayerNorm2d(nn.Module):
+    """LayerNorm over channels at every pixel of an NCHW map (eps 1e-6 as released)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GFN(nn.Module):
+    """Gated conv feed-forward: 1x1 (d->2d), depthwise 3x3, GELU(x1) * x2, 1x1 (d->d)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.project_in = nn.Conv2d(dim, 2 * dim, 1, bias=False)
+        self.dwconv = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=False)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x):
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)
+
+
+class SE(nn.Module):
+    """Squeeze-excitation: global mean -> Linear(d, d/4) -> SiLU -> Linear -> sigmoid gate."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim // 4, bias=False)
+        self.fc2 = nn.Linear(dim // 4, dim, bias=False)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class LM(nn.Module):
+    """Local module: residual MBConv with expansion 1 (1x1, GELU, dw 3x3, GELU, SE, 1x1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(dim, dim, 1)
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.se = SE(dim)
+        self.conv_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        y = F.gelu(self.dwconv(F.gelu(self.conv_in(x))))
+        return x + self.conv_out(self.se(y))
+
+
+# ----------------------------------------------------------------- window bookkeeping
+def to_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, C, H, W) -> (B * groups, 64, C): 8x8 windows ("meso") or an 8x8 grid ("global").
+
+    meso: pixel (i, j) is in window (i // 8, j // 8) at position (i % 8, j % 8).
+    global: with h = H / 8, pixel (i, j) is in group (i % h, j % w) at position (i // h, j // w).
+    """
+    b, c, hh, ww = x.shape
+    h, w = hh // WINDOW, ww // WINDOW
+    if kind == "meso":
+        t = x.view(b, c, h, WINDOW, w, WINDOW).permute(0, 2, 4, 3, 5, 1)
+    else:
+        t = x.view(b, c, WINDOW, h, WINDOW, w).permute(0, 3, 5, 2, 4, 1)
+    return t.reshape(b * h * w, WINDOW * WINDOW, c)
+
+
+def from_tokens(t: torch.Tensor, kind: str, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``to_tokens``."""
+    b, c, hh, ww = shape
+    h, w = hh // WINDOW, ww // WINDOW
+    t = t.view(b, h, w, WINDOW, WINDOW, c)
+    if kind == "meso":
+        x = t.permute(0, 5, 1, 3, 2, 4)
+    else:
+        x = t.permute(0, 5, 3, 1, 4, 2)
+    return x.reshape(b, c, hh, ww)
+
+
+def relative_position_index(n: int = WINDOW) -> torch.Tensor:
+    """(n*n, n*n) index into a (2n-1)^2 bias table: (yi - yj + n-1) * (2n-1) + (xi - xj + n-1)."""
+    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :] + n - 1
+    dx = xs[:, None] - xs[None, :] + n - 1
+    return dy * (2 * n - 1) + dx
+
+
+# ------------------------------------------------------------------ spatial attention
+class WindowAttention(nn.Module):
+    """Single-head attention inside each window/group of 64 tokens.
+
+    ``computes=True``: q, k, v projections, relative position bias, softmax; the
+    attention matrix is returned for sharing. ``computes=False``: only values are
+    projected and a given (shared) matrix is applied - no q, k or softmax at all.
+    """
+
+    def __init__(self, dim: int, computes: bool):
+        super().__init__()
+        self.computes = computes
+        self.scale = dim ** -0.5
+        if computes:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.rel_pos_bias = nn.Parameter(torch.zeros((2 * WINDOW - 1) ** 2))
+            self.register_buffer("rel_pos_index", relative_position_index(), persistent=False)
+        else:
+            self.v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, t: torch.Tensor, shared: Optional[torch.Tensor] = None):
+        if self.computes:
+            q, k, v = self.qkv(t).chunk(3, dim=-1)
+            logits = (q * self.scale) @ k.transpose(-2, -1) + self.rel_pos_bias[self.rel_pos_index]
+            attn = logits.softmax(dim=-1)
+        else:
+            if shared is None:
+                raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
+            v, attn = self.v(t), shared
+        return self.proj(attn @ v), attn
+
+
+class AttentionUnit(nn.Module):
+    """One SAM unit: x + Attn(LN(x)) over windows ("meso") or grid groups ("global"),
+    then y + GFN(LN2d(y))."""
+
+    def __init__(self, dim: int, kind: str, computes: bool):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, computes)
+        self.norm2 = LayerNorm2d(dim)
+        self.gfn = GFN(dim)
+
+    def forward(self, x, shared: Optional[torch.Tensor] = None):
+        t = to_tokens(x, self.kind)
+        y, attn = self.attn(self.norm1(t), shared)
+        x = from_tokens(t + y, self.kind, x.shape)
+        return x + self.gfn(self.norm2(x)), attn
+
+
+class SAM(nn.Module):
+    """Spatial attention module: a meso unit then a global unit (two attention matrices)."""
+
+    def __init__(self, dim: int, computes: bool):
+        super().__init__()
+        self.meso = AttentionUnit(dim, "meso", computes)
+        self.glob = AttentionUnit(dim, "global", computes)
+
+    def forward(self, x, shared: Sequence[Optional[torch.Tensor]] = (None, None)):
+        x, a_meso = self.meso(x, shared[0])
+        x, a_glob = self.glob(x, shared[1])
+        return x, (a_meso, a_glob)
+
+
+# ------------------------------------------------------------------ channel attention
+class ChannelAttention(nn.Module):
+    """Transposed (C x C) attention on pixels of each 8x8 window ("meso") or on the
+    pixels at one in-window position across all windows ("global")."""
+
+    def __init__(self, dim: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.temperature = nn.Parameter(torch.ones(1))
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1, bias=False)
+        self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def _split(self, t):  # (B, C, H, W) -> (B, groups, C, pixels per group)
+        b, c, hh, ww = t.shape
+        t = t.view(b, c, hh // WINDOW, WINDOW, ww // WINDOW, WINDOW)
+        order = (0, 2, 4, 1, 3, 5) if self.kind == "meso" else (0, 3, 5, 1, 2, 4)
+        t = t.permute(*order)
+        return t.reshape(b, t.shape[1] * t.shape[2], c, -1)
+
+    def _merge(self, t, shape):
+        b, c, hh, ww = shape
+        h, w = hh // WINDOW, ww // WINDOW
+        if self.kind == "meso":
+            x = t.view(b, h, w, c, WINDOW, WINDOW).permute(0, 3, 1, 4, 2, 5)
+        else:
+            x = t.view(b, WINDOW, WINDOW, c, h, w).permute(0, 3, 4, 1, 5, 2)
+        return x.reshape(shape)
+
+    def forward(self, x):
+        q, k, v = (self._split(t) for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        return self.project_out(self._merge(attn @ v, x.shape))
+
+
+class CAM(nn.Module):
+    """Channel attention module: meso CA, GFN, global CA, GFN, each pre-normed and residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.ca_meso = LayerNorm2d(dim), ChannelAttention(dim, "meso")
+        self.norm2, self.gfn1 = LayerNorm2d(dim), GFN(dim)
+        self.norm3, self.ca_glob = LayerNorm2d(dim), ChannelAttention(dim, "global")
+        self.norm4, self.gfn2 = LayerNorm2d(dim), GFN(dim)
+
+    def forward(self, x):
+        x = x + self.ca_meso(self.norm1(x))
+        x = x + self.gfn1(self.norm2(x))
+        x = x + self.ca_glob(self.norm3(x))
+        return x + self.gfn2(self.norm4(x))
+
+
+class ESA(nn.Module):
+    """Enhanced spatial attention (RFANet), the reduced form used by Omni-SR and ASID."""
+
+    def __init__(self, dim: int, f: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, f, 1)
+        self.conv_f = nn.Conv2d(f, f, 1)
+        self.conv2 = nn.Conv2d(f, f, 3, stride=2)
+        self.conv3 = nn.Conv2d(f, f, 3, padding=1)
+        self.conv4 = nn.Conv2d(f, dim, 1)
+
+    def forward(self, x):  # needs H, W >= 15 (the network pads to at least 16)
+        c1 = self.conv1(x)
+        m = F.max_pool2d(self.conv2(c1), kernel_size=7, stride=3)
+        c3 = F.interpolate(self.conv3(m), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(self.conv4(c3 + self.conv_f(c1)))
+
+
+# ---------------------------------------------------------------- distillation block
+class IDB(nn.Module):
+    """Information distillation block.
+
+    ``computes``: which of its three SAMs compute attention matrices (the others
+    reuse the matrices passed in, or, with intra-block sharing, those of SAM1).
+    ``channel_split``: SAMs see only the non-bypassed 3q/2q/q channels (the paper's
+    design); without it they run on the LM's full width and there is no pw1/pw2.
+    """
+
+    def __init__(self, dim: int = 48, computes: Sequence[bool] = (True, True, True),
+                 channel_split: bool = True, intra_sharing: bool = False):
+        super().__init__()
+        q = dim // 4
+        self.q, self.split, self.intra = q, channel_split, intra_sharing
+        widths = (dim, 3 * q, 2 * q)                      # LM widths of the three steps
+        sam_widths = (3 * q, 2 * q, q) if channel_split else widths
+        self.lm1, self.lm2, self.lm3 = (LM(d) for d in widths)
+        self.sam1, self.sam2, self.sam3 = (SAM(d, c) for d, c in zip(sam_widths, computes))
+        if channel_split:
+            self.pw1 = nn.Conv2d(dim, dim, 1)
+            self.pw2 = nn.Conv2d(3 * q, 3 * q, 1)
+        self.pw3 = nn.Conv2d(dim, dim, 1)
+        self.cam = CAM(dim)
+        self.conv = nn.Conv2d(dim, dim, 1)
+        self.esa = ESA(dim, max(dim // 4, 16))
+
+    def distill(self, x, shared: Matrices) -> Tuple[torch.Tensor, Matrices]:
+        q = self.q
+        out: Matrices = []
+
+        def sam(k, module, t):
+            given = shared[2 * k: 2 * k + 2]
+            if self.intra and k > 0:
+                given = out[0:2]
+            t, mats = module(t, given)
+            out.extend(mats)
+            return t
+
+        if self.split:
+            x = self.lm1(x)                                    # step 1: 4q
+            x = self.pw1(torch.cat([sam(0, self.sam1, x[:, q:]), x[:, :q]], 1))
+            r1 = x[:, :q]
+            x = self.lm2(x[:, q:])                             # step 2: 3q
+            x = self.pw2(torch.cat([sam(1, self.sam2, x[:, q:]), x[:, :q]], 1))
+            r2 = x[:, :q]
+            x = self.lm3(x[:, q:])                             # step 3: 2q
+            x = self.pw3(torch.cat([r1, r2, sam(2, self.sam3, x[:, q:]), x[:, :q]], 1))
+        else:
+            x = sam(0, self.sam1, self.lm1(x))                 # 4q
+            r1 = x[:, :q]
+            x = sam(1, self.sam2, self.lm2(x[:, q:]))          # 3q
+            r2 = x[:, :q]
+            x = sam(2, self.sam3, self.lm3(x[:, q:]))          # 2q
+            x = self.pw3(torch.cat([r1, r2, x], 1))
+        return self.cam(x), out
+
+    def forward(self, x, shared: Matrices):
+        y, mats = self.distill(x, shared)
+        return self.esa(x + self.conv(y)), mats
+
+
+class SerialBlock(nn.Module):
+    """Table 3 baseline block: LM -> SAM -> CAM in series on all channels (no distillation)."""
+
+    def __init__(self, dim: int = 48):
+        super().__init__()
+        self.lm = LM(dim)
+        self.sam = SAM(dim, computes=True)
+        self.cam = CAM(dim)
+        self.conv = nn.Conv2d(dim, dim, 1)
+        self.esa = ESA(dim, max(dim // 4, 16))
+
+    def forward(self, x, shared: Matrices):
+        y, mats = self.sam(self.lm(x))
+        return self.esa(x + self.conv(self.cam(y))), list(mats)
+
+
+# ----------------------------------------------------------------------------- network
+class ASID(SRNet):
+    """ASID network. Input and output of ``forward_native`` are in ``pixel_range``."""
+
+    def __init__(self, scale: int, blocks: int = 3, sharing: str = "inter",
+                 channel_split: bool = True, channels: int = 48, serial: bool = False):
+        super().__init__()
+        if sharing not in ("inter", "intra", "none"):
+            raise ValueError(f"sharing must be 'inter', 'intra' or 'none', not {sharing!r}")
+        if not 1 <= blocks <= 16:
+            raise ValueError(f"blocks must be between 1 and 16, not {blocks}")
+        if channels % 4:
+            raise ValueError(f"channels must be a multiple of 4, not {channels}")
+        self.scale = scale
+        self.head = nn.Conv2d(3, channels, 3, padding=1)
+        if serial:
+            self.blocks = nn.ModuleList(SerialBlock(channels) for _ in range(blocks))
+        else:
+            def idb(i):
+                if sharing == "inter":
+                    computes = (i == 0,) * 3
+                elif sharing == "intra":
+                    computes = (True, False, False)
+                else:
+                    computes = (True, True, True)
+                return IDB(channels, computes, channel_split, intra_sharing=sharing == "intra")
+            self.blocks = nn.ModuleList(idb(i) for i in range(blocks))
+        self.fuse = nn.Conv2d(channels, channels, 3, padding=1)
+        self.upsampler = nn.Sequential(nn.Conv2d(channels, 3 * scale * scale, 3, padding=1),
+                                       nn.PixelShuffle(scale))
+
+    @staticmethod
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad bottom/right to a multiple of 8 and to at least 16 px (ESA's minimum);
+        for every input the release accepts this is exactly the release's padding."""
+        h, w = x.shape[-2:]
+        ph = max(-(-h // WINDOW) * WINDOW, 2 * WINDOW) - h
+        pw = max(-(-w // WINDOW) * WINDOW, 2 * WINDOW) - w
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Matrices]:
+        """Deep features of a padded input, and the attention matrices of the first block."""
+        f0 = self.head(x)
+        shared: Matrices = [None] * 6
+        first: Matrices = []
+        y = f0
+        for i, block in enumerate(self.blocks):
+            y, mats = block(y, shared)
+            if i == 0:
+                first = mats
+                shared = mats
+        return self.fuse(y) + f0, first
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        feats, _ = self.features(self.pad(x))
+        return self.upsampler(feats)[..., : h * self.scale, : w * self.scale]
+
+
+@register_model("asid", paper="ASID (AAAI 2025)", description="ASID, 3 IDBs, 48 channels")
+def asid(scale: int, **options) -> ASID:
+    return ASID(scale, **options)
+
+
+@register_model("asid-d8", paper="ASID (AAAI 2025)", description="ASID-D8, 8 IDBs")
+def asid_d8(scale: int, **options) -> ASID:
+    options.setdefault("blocks", 8)
+    return ASID(scale, **options)
+
+
+@register_model("asid-baseline", paper="ASID (AAAI 2025), Table 3",
+                description="serial LM -> SAM -> CAM baseline of the ablation")
+def asid_baseline(scale: int, blocks: int = 3, channels: int = 48) -> ASID:
+    return ASID(scale, blocks=blocks, channels=channels, serial=True)
