@@ -19,6 +19,8 @@ What is supported:
   written by a small PNG encoder here, 16-bit colour TIFFs by ``tifffile``.
 * JPEG and WebP hold 8 bits only: 16-bit data are rounded to 8 bits when written to them.
   JPEG cannot hold alpha: writing an image with alpha to JPEG is an error.
+* EXIF (other than the orientation, which is applied) is carried from JPEG, PNG and WebP
+  into JPEG, PNG and WebP outputs; not from or into TIFF.
 * Multi-frame files (GIF, APNG, multi-page TIFF): the first frame only.
 """
 from __future__ import annotations
@@ -341,6 +343,8 @@ def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]
         except Exception as e:  # truncated data, bad compression stream ...
             raise ImageReadError(f"{path}: truncated or corrupt {im.format or 'image'} file ({e})") from e
         exif, orientation = _exif_without_orientation(im)
+        if im.format == "TIFF":  # its "EXIF" is the TIFF's own tags (sizes, strips): not carried
+            exif = None
         fmt = im.format
         arr, info = pil_to_array(im)
     info.format, info.exif = fmt, exif
@@ -428,7 +432,7 @@ def _encode(tmp: str, arr: np.ndarray, fmt: str, quality: int, icc: Optional[byt
     extra = {}
     if icc:
         extra["icc_profile"] = icc
-    if exif:
+    if exif and fmt != "TIFF":  # EXIF tags would mix with the TIFF's own tags
         extra["exif"] = exif
     c = arr.shape[2]
     if arr.dtype == np.uint16 and fmt in ("JPEG", "WEBP"):
@@ -443,7 +447,7 @@ def _encode(tmp: str, arr: np.ndarray, fmt: str, quality: int, icc: Optional[byt
     elif fmt == "WEBP":
         if im.mode in ("L", "LA"):
             im = im.convert("RGBA" if im.mode == "LA" else "RGB")
-        im.save(tmp, "WEBP", quality=quality, lossless=quality >= 100, **extra)
+        im.save(tmp, "WEBP", quality=quality, lossless=quality >= 100, exact=quality >= 100, **extra)
     elif fmt == "TIFF":
         im.save(tmp, "TIFF", compression="tiff_adobe_deflate", **extra)
     else:
