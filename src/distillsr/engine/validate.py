@@ -1,0 +1,43 @@
+"""Validation during training: Y-channel PSNR / SSIM on a benchmark set (the papers' protocol)."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["evaluate_pairs", "to_uint8"]
+
+
+def to_uint8(y: torch.Tensor) -> np.ndarray:
+    """NCHW [0, 1] float (N = 1) -> HxWx3 uint8, as the protocol quantises outputs."""
+    return y[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _scores(sr: np.ndarray, hr: np.ndarray, scale: int, ssim_variant: str) -> Tuple[float, float]:
+    from .. import metrics
+    return (float(metrics.psnr(sr, hr, crop=scale)),
+            float(metrics.ssim(sr, hr, crop=scale, variant=ssim_variant)))
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[Tuple[str, np.ndarray, np.ndarray]], scale: int,
+                   device: torch.device, ssim_variant: str = "matlab",
+                   channels_last: bool = False) -> Tuple[float, float, List[Tuple[str, float, float]]]:
+    """Whole-image inference on every (name, LR, HR) pair; mean PSNR, mean SSIM and per-image scores."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for name, lr, hr in pairs:
+            x = torch.from_numpy(lr).permute(2, 0, 1)[None].to(device).float().div_(255)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sr = to_uint8(model(x).float())
+            if sr.shape != hr.shape:
+                raise RuntimeError(f"validation image {name}: output {sr.shape} does not match HR {hr.shape}")
+            p, s = _scores(sr, hr, scale, ssim_variant)
+            rows.append((name, p, s))
+    finally:
+        model.train(was_training)
+    return float(np.mean([r[1] for r in rows])), float(np.mean([r[2] for r in rows])), rows

@@ -1,0 +1,217 @@
+"""Training engine: learning, exact resume, interrupted checkpoint writes, init from another checkpoint."""
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train_helpers import TINY, make_paired, tiny_config
+
+from distillsr.checkpoint import load_model, read_state_dict
+from distillsr.data.train_data import PairStore, PatchDataset, find_pairs
+from distillsr.engine import TrainError, load_config, train
+from distillsr.engine import state as st
+from distillsr.engine.train import init_from_checkpoint, lr_at
+from distillsr.registry import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_paired(root, n=3, size=48, scale=2)
+    return root
+
+
+def _cfg(tmp, data, **over):
+    return load_config(None, tiny_config(tmp, data, **over))
+
+
+def _weights(path):
+    sd, _ = read_state_dict(path)
+    return sd
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_goes_down(tmp_path, data):
+    cfg = _cfg(tmp_path, data, **{"train.iters": 40, "train.log_every": 10, "train.ckpt_every": 40})
+    r = train(cfg, **QUIET)
+    assert r.completed and r.iteration == 40
+    losses = [h["loss"] for h in r.history]
+    assert len(losses) == 4 and losses[-1] < 0.6 * losses[0], losses
+    # the final weights load with the public loader and run
+    m = load_model(r.final_weights)
+    assert m.scale == 2 and m(torch.rand(1, 3, 10, 10)).shape == (1, 3, 20, 20)
+    rows = list(csv.DictReader(open(r.run_dir / "log.csv")))
+    assert [int(x["iter"]) for x in rows] == [10, 20, 30, 40]
+    assert (r.run_dir / "config.yaml").is_file()
+
+
+def test_resume_is_bitwise_exact_mid_epoch_with_workers(tmp_path, data):
+    # 3 images x repeat 1, batch 4: epochs end mid-batch; the stop (7) and checkpoints (4, 8) fall mid-epoch
+    a = train(_cfg(tmp_path, data, name="a", **{"train.iters": 10}), **QUIET)
+
+    def stop_at_7(trainer, done):
+        if done == 7:
+            trainer.request_stop()
+
+    over = {"name": "b", "train.iters": 10, "data.num_workers": 2}
+    b1 = train(_cfg(tmp_path, data, **over), callbacks=[stop_at_7], **QUIET)
+    assert not b1.completed and b1.iteration == 7
+    assert [i for i, _ in st.list_checkpoints(b1.run_dir / "checkpoints")] == [4, 7]
+    b2 = train(_cfg(tmp_path, data, **over), resume="auto", **QUIET)
+    assert b2.completed and b2.iteration == 10
+    assert _same(_weights(a.final_weights), _weights(b2.final_weights))  # EMA weights
+    ca, cb = a.run_dir / "checkpoints", b2.run_dir / "checkpoints"
+    assert _same(_weights(ca / "iter_00000010.safetensors"), _weights(cb / "iter_00000010.safetensors"))
+    sa = torch.load(ca / "iter_00000010.state.pt", weights_only=True)
+    sb = torch.load(cb / "iter_00000010.state.pt", weights_only=True)
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    # the CSV log of the resumed run has each iteration once
+    rows = [int(r["iter"]) for r in csv.DictReader(open(b2.run_dir / "log.csv"))]
+    assert rows == [2, 4, 6, 8, 10]
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, tempfile
+    sys.path.insert(0, {tests!r})
+    import train_helpers  # registers the tiny network
+    from distillsr.engine import load_config, train
+    import distillsr.engine.state as st
+
+    real = st.atomic_torch_save
+    def dying_save(obj, path):
+        if obj.get("iteration") == 8:  # half-written state file, then the power goes out
+            fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+            os.write(fd, b"\\x80\\x02partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(obj, path)
+    st.atomic_torch_save = dying_save
+    train(load_config(None, {overrides!r}))
+""")
+
+
+def test_killed_during_checkpoint_write_resumes_from_last_good(tmp_path, data):
+    over = {"name": "k", "train.iters": 10}
+    ref = train(_cfg(tmp_path, data, name="ref", **{"train.iters": 10}), **QUIET)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(tests=str(REPO / "tests"), overrides=tiny_config(tmp_path, data, **over)))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="2")
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    ck = tmp_path / "runs" / "k" / "checkpoints"
+    assert (ck / "iter_00000008.safetensors").exists() and not (ck / "iter_00000008.state.pt").exists()
+    assert any(x.name.endswith(".tmp") for x in ck.iterdir())
+    msgs = []
+    r = train(_cfg(tmp_path, data, **over), resume="auto", log=msgs.append)
+    assert any("resuming from iteration 4" in m for m in msgs), msgs
+    assert any("temp file" in m for m in msgs)
+    assert not any(x.name.endswith(".tmp") for x in ck.iterdir())
+    assert r.completed and _same(_weights(ref.final_weights), _weights(r.final_weights))
+
+
+def test_corrupt_or_mismatched_checkpoint_is_skipped(tmp_path, data):
+    r = train(_cfg(tmp_path, data, **{"train.iters": 8, "train.ckpt_every": 2}), **QUIET)
+    ck = r.run_dir / "checkpoints"
+    assert [i for i, _ in st.list_checkpoints(ck)] == [4, 6, 8]  # keep_ckpts 3
+    (ck / "iter_00000008.state.pt").write_bytes(b"truncated")
+    with open(ck / "iter_00000006.safetensors", "r+b") as f:  # weights changed after the state was written
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    msgs = []
+    found = st.find_resumable(ck, log=msgs.append)
+    assert found["iteration"] == 4
+    assert "iteration 8" in msgs[0] and "unreadable" in msgs[0]
+    assert "iteration 6" in msgs[1] and "sha256" in msgs[1]
+
+
+def test_refuses_to_overwrite_a_run_and_bad_resume_path(tmp_path, data):
+    train(_cfg(tmp_path, data, **{"train.iters": 4}), **QUIET)
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        train(_cfg(tmp_path, data, **{"train.iters": 4}), **QUIET)
+    with pytest.raises(TrainError, match="no such file"):
+        train(_cfg(tmp_path, data, **{"train.iters": 4}), resume=str(tmp_path / "nope.state.pt"), **QUIET)
+    # resuming a finished run with more iterations extends it
+    r = train(_cfg(tmp_path, data, **{"train.iters": 6}), resume="auto", **QUIET)
+    assert r.completed and r.iteration == 6
+
+
+def test_init_from_other_scale_skips_only_the_upsampler(tmp_path):
+    x2 = create_model(TINY, 2)
+    x3 = create_model(TINY, 3)
+    from distillsr.checkpoint import save_model
+    p = save_model(x2, tmp_path / "x2.safetensors")
+    with pytest.raises(TrainError, match="init_strict: false"):
+        init_from_checkpoint(x3, p, strict=True, log=lambda m: None)
+    msgs = []
+    rep = init_from_checkpoint(x3, p, strict=False, log=msgs.append)
+    assert rep["shape_mismatch"] == ["tail.weight (12, 8, 3, 3) -> (27, 8, 3, 3)", "tail.bias (12,) -> (27,)"]
+    assert sorted(rep["loaded"]) == ["body.bias", "body.weight", "head.bias", "head.weight"]
+    assert torch.equal(x3.head.weight, x2.head.weight) and any("tail.weight" in m for m in msgs)
+
+
+def test_init_from_in_a_run(tmp_path, data):
+    r2 = train(_cfg(tmp_path, data, name="x2", **{"train.iters": 4}), **QUIET)
+    d3 = make_paired(tmp_path / "x3data", n=2, size=48, scale=3)[0].parent
+    msgs = []
+    r3 = train(_cfg(tmp_path, d3, name="x3", **{"train.iters": 2, "model.scale": 3, "data.patch_size": 8,
+                                                   "init_from": str(r2.final_weights), "init_strict": False}),
+               log=msgs.append)
+    assert r3.completed and any("skipped (shape mismatch): tail.weight" in m for m in msgs)
+
+
+def test_sample_stream_is_a_function_of_seed_and_index(data):
+    specs = find_pairs("paired", data / "HR", 2, str(data / "LR"))
+    store = PairStore(specs, 2, cache=False).prepare(12, log=lambda m: None)
+    a = PatchDataset(store, 12, seed=5)
+    b = PatchDataset(PairStore(specs, 2, cache=True).prepare(12, log=lambda m: None), 12, seed=5)
+    for n in (0, 7, 3, 100, 2, 7):  # any order, cached or not: same sample
+        la, ha = a[n]
+        lb, hb = b[n]
+        assert torch.equal(la, lb) and torch.equal(ha, hb) and ha.shape == (3, 24, 24)
+    # each epoch visits every image once
+    assert sorted(a.image_index(n) for n in range(3)) == [0, 1, 2]
+    assert sorted(a.image_index(n) for n in range(3, 6)) == [0, 1, 2]
+    # the HR patch is the LR patch's region: downscaling it reproduces the LR patch closely
+    lr, hr = a[11]
+    down = torch.nn.functional.avg_pool2d(hr[None].float(), 2)[0]
+    assert (down - lr.float()).abs().mean() < 6
+    c = PatchDataset(store, 12, seed=6)
+    assert not torch.equal(c[0][1], a[0][1])
+
+
+def test_schedules():
+    c = load_config(None, ["train.iters=100", "sched.name=step", "sched.milestones=[0.5, 80]", "optim.lr=1.0"])
+    assert [lr_at(c, i) for i in (0, 49, 50, 79, 80, 99)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    c = load_config(None, ["train.iters=100", "sched.name=cosine", "sched.warmup_iters=10", "optim.lr=1.0",
+                           "sched.min_lr=0.1"])
+    assert lr_at(c, 0) == pytest.approx(0.1) and lr_at(c, 10) == pytest.approx(1.0)
+    assert lr_at(c, 55) == pytest.approx(0.55) and lr_at(c, 100) == pytest.approx(0.1)
+
+
+def test_small_images_are_left_out_with_a_warning(tmp_path, data):
+    import shutil
+    from PIL import Image
+    d = tmp_path / "d"
+    shutil.copytree(data, d)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(d / "HR" / "tiny.png")
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(d / "LR" / "tinyx2.png")
+    (d / "HR" / "broken.png").write_bytes(b"not a png")
+    (d / "LR" / "brokenx2.png").write_bytes(b"not a png")
+    specs = find_pairs("paired", d / "HR", 2, str(d / "LR"))
+    with pytest.warns(UserWarning) as w:
+        store = PairStore(specs, 2).prepare(12, log=lambda m: None)
+    assert len(store) == 3
+    text = " ".join(str(x.message) for x in w)
+    assert "tiny.png" in text and "smaller than the 12px patch" in text and "broken" in text
