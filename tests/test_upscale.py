@@ -295,3 +295,123 @@ def test_api_returns_the_same_kind():
         distillsr.upscale(t, 4, model, device="cpu")
     with pytest.raises(TypeError, match="PIL image, a numpy array or a torch tensor"):
         distillsr.upscale([1, 2, 3], 2, model, device="cpu")
+
+
+# ---------------------------------------------------------------- tiling and memory
+
+class PointNet(SRNet):
+    """Receptive field of one LR pixel (1x1 conv + pixel shuffle): any tiling, any blend
+    must give exactly the whole-image output, so tile/band placement errors show."""
+
+    def __init__(self, scale=2):
+        super().__init__()
+        self.scale = scale
+        self.conv = torch.nn.Conv2d(3, 3 * scale * scale, 1)
+        self.shuffle = torch.nn.PixelShuffle(scale)
+
+    def forward_native(self, x):
+        return self.shuffle(self.conv(x))
+
+
+@pytest.mark.parametrize("blend", ["mean", "feather"])
+@pytest.mark.parametrize("scale", [2, 3])
+def test_tiles_and_bands_are_placed_exactly(monkeypatch, blend, scale):
+    torch.manual_seed(0)
+    model = PointNet(scale).eval()
+    x = rand(53, 41, 4).astype(np.float32) / 255
+    whole = Upscaler(model, "cpu", tile=None).upscale_array(x, np.float32)
+    monkeypatch.setattr(eng, "BAND_BYTES", 1)  # force one band per tile row: bands are tested too
+    up = Upscaler(model, "cpu", tile=16, tile_overlap=4, blend=blend)
+    tiled = up.upscale_array(x, np.float32)
+    assert up.last_tile == 16 and len(up.plan(53, 41)[1]) > 1
+    np.testing.assert_allclose(tiled, whole, atol=2e-6)
+
+
+def test_tiled_output_of_a_conv_net_is_close_to_whole():
+    x = rand(40, 52, 3).astype(np.float32) / 255
+    whole = Upscaler(Toy(2), "cpu", tile=None).upscale_array(x, np.float32)
+    tiled = Upscaler(Toy(2), "cpu", tile=16, tile_overlap=4).upscale_array(x, np.float32)
+    diff = np.abs(tiled - whole)
+    assert diff.mean() < 1e-3 and diff.max() < 0.05
+
+
+class FixedEstimate:
+    """A runner stand-in with a known memory estimate (choose_tile arithmetic)."""
+    scale = 2
+
+    def memory_estimate(self, device):
+        return eng.MemoryEstimate(per_pixel=1000.0, fixed=0.0)
+
+
+def test_choose_tile_from_budget():
+    r = FixedEstimate()
+    budget = int(1.5 * 1000 * 100 * 100)  # exactly 100x100 LR pixels after the 1.5 safety factor
+    assert choose_tile(r, 100, 100, "cpu", budget=budget) is None  # whole image fits
+    assert choose_tile(r, 101, 100, "cpu", budget=budget) == 96    # sqrt(10000) -> multiple of 8
+    assert choose_tile(r, 5000, 5000, "cpu", budget=1000) == eng.MIN_AUTO_TILE
+
+
+def test_memory_estimate_measures_live_tensors():
+    # Toy x2 keeps at most three 3 x 2h x 2w float maps alive: 3 * 3 * 4 * 4 = 144 bytes per LR pixel
+    est = eng.estimate_memory(Toy(2).eval(), "cpu")
+    assert est.per_pixel == pytest.approx(144, rel=0.1)
+    assert eng.estimate_memory(PointNet(4).eval(), "cpu").per_pixel < est.per_pixel * 4
+
+
+def test_auto_tile_uses_whole_image_when_it_fits_and_tiles_otherwise():
+    model = PointNet(2).eval()
+    x = rand(60, 70, 3).astype(np.float32) / 255
+    big = Upscaler(model, "cpu", tile="auto", memory_budget=1 << 30)
+    small = Upscaler(model, "cpu", tile="auto", memory_budget=200_000)
+    a, b = big.upscale_array(x, np.float32), small.upscale_array(x, np.float32)
+    assert big.last_tile is None and small.last_tile is not None and small.last_tile < 60
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import torch
+    torch.set_num_threads(2)
+    import torch.nn.functional as F
+    from distillsr.engine.upscale import Upscaler
+    from distillsr.models.base import SRNet
+
+    class Cheap(SRNet):  # nearly free per pixel, so the test measures the pipeline's buffers
+        def __init__(self):
+            super().__init__()
+            self.scale = 2
+            self.gain = torch.nn.Parameter(torch.ones(1))
+        def forward_native(self, x):
+            return F.interpolate(x, scale_factor=2, mode="nearest") * self.gain
+
+    up = Upscaler(Cheap().eval(), "cpu", tile=sys.argv[3] if sys.argv[3] == "auto" else int(sys.argv[3]),
+                  memory_budget=int(sys.argv[4]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    up.upscale_file(sys.argv[1], sys.argv[2])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(up.last_tile, (after - before) * 1024)  # ru_maxrss is in KiB on Linux
+""")
+
+PEAK_GROWTH_BOUND = 1000 << 20  # bytes; see the README section "upscale" for what it covers
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units and behaviour checked on Linux")
+def test_4000x3000_runs_tiled_within_memory_bound(tmp_path):
+    """A 4000x3000 RGB input upscaled x2 on CPU with tile="auto" under a 64 MiB budget for the
+    model: peak RSS growth stays under PEAK_GROWTH_BOUND (the image buffers: float input,
+    uint8 output, the encoder's copy, one band of tiles). Whole-image inference of the same
+    model needs more than twice that (see README)."""
+    yy, xx = np.mgrid[0:3000, 0:4000]
+    img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "big.png", compress_level=1)
+    del img, yy, xx
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big.png"),
+                          str(tmp_path / "big_x2.jpg"), "auto", str(64 << 20)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    tile, growth = res.stdout.split()
+    assert tile != "None"
+    assert int(growth) < PEAK_GROWTH_BOUND, f"peak RSS grew by {int(growth) >> 20} MiB"
+    with Image.open(tmp_path / "big_x2.jpg") as im:
+        assert im.size == (8000, 6000)

@@ -93,23 +93,33 @@ class ImageInfo:
 
 def to_float(arr: np.ndarray) -> np.ndarray:
     """uint8 / uint16 array -> float32 in [0, 1]; float arrays are returned as float32."""
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255)
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / np.float32(65535)
+    if arr.dtype in (np.uint8, np.uint16):
+        out = arr.astype(np.float32)
+        out /= np.float32(255 if arr.dtype == np.uint8 else 65535)
+        return out
     if np.issubdtype(arr.dtype, np.floating):
         return arr.astype(np.float32, copy=False)
     raise TypeError(f"unsupported array dtype {arr.dtype} (use uint8, uint16 or float)")
 
 
-def from_float(arr, dtype) -> np.ndarray:
-    """Float array (numpy or torch) in about [0, 1] -> clipped, rounded ``dtype`` array."""
+def from_float(arr, dtype, inplace: bool = False) -> np.ndarray:
+    """Float array (numpy or torch) in about [0, 1] -> clipped, rounded ``dtype`` array.
+
+    ``inplace`` lets a torch tensor be overwritten on the way (saves two copies of it).
+    """
     dtype = np.dtype(dtype)
+    if hasattr(arr, "detach"):  # a torch tensor: clip and round on its device
+        t = arr.detach() if inplace else arr.detach().clone()
+        t = t.clamp_(0, 1)
+        if not np.issubdtype(dtype, np.floating):
+            t = t.mul_({np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]).round_()
+        torch_dtype = {np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "int32"}.get(dtype)
+        if torch_dtype is not None:  # convert on the device: the host copy is small
+            t = t.to(getattr(__import__("torch"), torch_dtype))
+        return t.to("cpu").numpy().astype(dtype, copy=False)
     if np.issubdtype(dtype, np.floating):
         return np.clip(np.asarray(arr, dtype=dtype), 0, 1)
     peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]
-    if hasattr(arr, "detach"):  # a torch tensor: round on its device, move the small result
-        return (arr.detach().clamp(0, 1) * peak).round().to("cpu").numpy().astype(dtype)
     return np.rint(np.clip(arr, 0, 1) * peak).astype(dtype)
 
 

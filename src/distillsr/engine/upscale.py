@@ -206,7 +206,7 @@ def _peak_bytes(runner: Runner, x: torch.Tensor) -> int:
 _ESTIMATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def estimate_memory(runner: Runner, device: Union[str, torch.device], probe: Sequence[int] = (64, 128)
+def estimate_memory(runner: Runner, device: Union[str, torch.device], probe: Sequence[int] = (48, 64)
                     ) -> MemoryEstimate:
     """Peak memory of a forward pass as a linear function of the LR pixel count.
 
@@ -264,10 +264,16 @@ def _count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
 # ----------------------------------------------------------------------------- one image
 
 def _ensemble_transforms(n: int):
-    """The x8 dihedral transforms (rotation k * 90 degrees, optional flip) and inverses."""
-    out = []
+    """The first ``n`` of the x8 dihedral transforms (k * 90 degree rotation, optional flip),
+    each with its inverse; ``n = 1`` is the identity."""
+    def identity(x):
+        return x
+    out = [(identity, identity)]
     for k in range(4):
         for flip in (False, True):
+            if k == 0 and not flip:
+                continue
+
             def fwd(x, k=k, flip=flip):
                 x = torch.rot90(x, k, (2, 3))
                 return x.flip(3) if flip else x
@@ -374,12 +380,12 @@ class Upscaler:
                 y = y[:, :, (r0 - a) * s:(r1 - a) * s]
                 if cc == 1:
                     y = y.mean(1, keepdim=True)
-                out[r0 * s:r1 * s, :, :cc] = imgio.from_float(y[0].permute(1, 2, 0), out_dtype)
+                out[r0 * s:r1 * s, :, :cc] = imgio.from_float(y[0].permute(1, 2, 0), out_dtype, inplace=True)
                 del y
                 if has_alpha:
                     al = F.interpolate(band[:, cc:], scale_factor=s, mode="bicubic", align_corners=False)
                     al = al[:, :, (r0 - a) * s:(r1 - a) * s]
-                    out[r0 * s:r1 * s, :, cc:] = imgio.from_float(al[0].permute(1, 2, 0), out_dtype)
+                    out[r0 * s:r1 * s, :, cc:] = imgio.from_float(al[0].permute(1, 2, 0), out_dtype, inplace=True)
         return out
 
     # -- files
