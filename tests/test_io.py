@@ -152,6 +152,15 @@ def test_icc_profile_carried(tmp_path, ext):
     assert Image.open(tmp_path / f"o.{ext}").info.get("icc_profile") == SRGB
 
 
+def test_output_gets_normal_file_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_image(tmp_path / "p.png", rand(4, 4, 3, np.uint8))
+    finally:
+        os.umask(mask)
+    assert (os.stat(tmp_path / "p.png").st_mode & 0o777) == 0o644
+
+
 def test_jpeg_quality_option(tmp_path):
     a = rand(64, 64, 3, np.uint8)
     write_image(tmp_path / "lo.jpg", a, quality=20)
@@ -231,3 +240,11 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, ext, channels, 
         write_image(tmp_path / f"old.{ext}", rand(20, 20, channels, dtype))
     assert listing(tmp_path) == [f"old.{ext}"]
     assert (tmp_path / f"old.{ext}").read_bytes() == b"previous content"
+
+
+def test_cmyk_becomes_rgb_without_its_profile(tmp_path):
+    a = rand(8, 8, 4, np.uint8)
+    Image.fromarray(a, "CMYK").save(tmp_path / "c.jpg", icc_profile=b"cmyk profile bytes", quality=95)
+    arr, info = read_image_native(tmp_path / "c.jpg")
+    assert info.source_mode == "CMYK" and info.channels == 3 and info.icc_profile is None
+    np.testing.assert_array_equal(arr, np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB")))

@@ -377,6 +377,12 @@ def format_for_path(path: PathLike) -> str:
     return FORMATS[ext][0]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` and rename the result onto ``path`` only if it succeeds.
 
@@ -389,6 +395,7 @@ def atomic_write(path: PathLike, write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         try:

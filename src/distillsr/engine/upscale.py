@@ -471,9 +471,10 @@ class BatchReport:
 
     def summary(self) -> str:
         total = len(self.done) + len(self.skipped) + len(self.failed)
-        text = (f"{len(self.done)} upscaled, {len(self.skipped)} skipped (output exists; --overwrite "
-                f"redoes them), {len(self.failed)} failed, of {total} inputs in {self.seconds:.1f} s")
-        return text
+        skipped = f"{len(self.skipped)} skipped" + (" (output exists; --overwrite redoes them)"
+                                                   if self.skipped else "")
+        return (f"{len(self.done)} upscaled, {skipped}, {len(self.failed)} failed, of {total} inputs "
+                f"in {self.seconds:.1f} s")
 
 
 def output_path(rel: Path, out_dir: Path, fmt: Optional[str], suffix: str = "") -> Tuple[Path, str]:
