@@ -291,10 +291,20 @@ def test_eval_weights_and_tiles(toy_registered, tiny_root, tmp_path, capsys):
     assert rc != 0 and "x2" in capsys.readouterr().err
 
 
-def test_eval_model_name_without_weights_is_an_error(toy_registered, tiny_root, capsys):
+def test_eval_model_name_uses_shipped_weights_or_fails(toy_registered, tiny_root, tmp_path, monkeypatch, capsys):
     root, _, _ = tiny_root
+    monkeypatch.setenv("DISTILLSR_WEIGHTS_DIR", str(tmp_path / "weights"))
     rc = main(["eval", "--model", toy_registered, "--scale", "2", "--data", str(root), "--no-progress"])
-    assert rc != 0 and "weights" in capsys.readouterr().err
+    assert rc != 0 and "no weights ship" in capsys.readouterr().err
+    pretrained = pytest.importorskip("distillsr.pretrained")
+    from distillsr import create_model
+    entry = pretrained.save_pretrained(create_model(toy_registered, 2), toy_registered, tmp_path / "weights")
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", toy_registered, "--scale", "2", "--data", str(root), "--skip-bad",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["model"] == toy_registered and res["weights"] == str(entry.file)
     rc = main(["eval", "--model", "no-such-model", "--scale", "2", "--data", str(root), "--no-progress"])
     assert rc != 0 and "no-such-model" in capsys.readouterr().err
     rc = main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(root), "--datasets", "Nope",
