@@ -15,7 +15,7 @@ from conftest import shared_path
 from distillsr.cli.main import main
 from distillsr.data.benchmark import make_lr, write_png
 from distillsr.data.imresize import imresize
-from distillsr.engine.evaluate import evaluate
+from distillsr.engine.evaluate import evaluate, format_table
 from distillsr.engine.infer import make_forward, self_ensemble, tile_starts, tiled_forward
 from distillsr.metrics import psnr_ssim
 from distillsr.models.base import SRNet
@@ -179,6 +179,11 @@ def test_chop_flag_uses_engine_chop():
     else:
         x = torch.rand(1, 3, 40, 30)
         assert torch.allclose(make_forward(model, 2, chop=True)(x), model(x), atol=1e-6)
+    res = {"model": "m", "weights": None, "scale": 2, "ssim_variant": "wang", "grey": "raw", "tile": None,
+           "self_ensemble": False, "results": [{"dataset": "Set5", "psnr": 30.0, "ssim": 0.9, "num_images": 5,
+                                                 "seconds": 1.0, "images": []}]}
+    assert "chop" in format_table(res, chop=True).splitlines()[0]
+    assert "whole image" in format_table(res).splitlines()[0]
 
 
 # ------------------------------------------------------------------ evaluation on a temp dataset

@@ -75,7 +75,7 @@ def run(args) -> int:
     except (EvalError, OSError) as e:  # OSError: --save-images could not write
         err(str(e))
         return 1
-    print(format_table(result))
+    print(format_table(result, chop=args.chop))
     if skipped:
         print(f"{len(skipped)} image(s) skipped (not in the means):")
         for ds, msg in skipped:

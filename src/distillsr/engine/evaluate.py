@@ -236,9 +236,10 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
             "self_ensemble": bool(self_ensemble), "results": results}
 
 
-def format_table(result: dict) -> str:
-    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers)."""
-    how = f"tiles {result['tile']}" if result["tile"] else "whole image"
+def format_table(result: dict, chop: bool = False) -> str:
+    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers). ``chop``:
+    say that chop inference was used (the JSON-shaped result does not record it)."""
+    how = f"tiles {result['tile']}" if result["tile"] else ("chop" if chop else "whole image")
     if result["self_ensemble"]:
         how += " + x8 self-ensemble"
     lines = [f"model {result['model']}" + (f" ({result['weights']})" if result["weights"] else "")
