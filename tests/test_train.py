@@ -200,7 +200,7 @@ def test_schedules():
     assert lr_at(c, 55) == pytest.approx(0.55) and lr_at(c, 100) == pytest.approx(0.1)
 
 
-def test_small_images_are_left_out_with_a_warning(tmp_path, data):
+def test_small_or_broken_images_are_left_out_and_named(tmp_path, data):
     import shutil
     from PIL import Image
     d = tmp_path / "d"
@@ -210,8 +210,44 @@ def test_small_images_are_left_out_with_a_warning(tmp_path, data):
     (d / "HR" / "broken.png").write_bytes(b"not a png")
     (d / "LR" / "brokenx2.png").write_bytes(b"not a png")
     specs = find_pairs("paired", d / "HR", 2, str(d / "LR"))
-    with pytest.warns(UserWarning) as w:
-        store = PairStore(specs, 2).prepare(12, log=lambda m: None)
+    msgs = []
+    store = PairStore(specs, 2).prepare(12, log=msgs.append)
     assert len(store) == 3
-    text = " ".join(str(x.message) for x in w)
+    text = " ".join(msgs)
     assert "tiny.png" in text and "smaller than the 12px patch" in text and "broken" in text
+
+
+def test_photos_config_end_to_end_with_asid(tmp_path, capsys):
+    """The asid_x2_photos recipe through the CLI on a tiny folder of photos: LR made on the fly,
+    validation on a benchmark-layout set, best/final weights readable by load_model."""
+    pytest.importorskip("distillsr.data.imresize")
+    pytest.importorskip("distillsr.metrics")
+    from PIL import Image
+    from train_helpers import smooth_image
+    from distillsr.cli.main import main
+    from distillsr.registry import list_models
+    if "asid" not in list_models():
+        pytest.skip("ASID is not in this build")
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(smooth_image(rng, 40, 44)).save(photos / f"p{i}.png")
+    Image.fromarray(smooth_image(rng, 20, 20)).save(photos / "small.png")  # LR 10x10 < patch: left out
+    (photos / "notes.txt").write_text("not an image")
+    val = tmp_path / "Set1" / "HR"
+    val.mkdir(parents=True)
+    Image.fromarray(smooth_image(rng, 34, 30)).save(val / "a.png")  # LR made on the fly too
+    rc = main(["train", "--config", "asid_x2_photos", f"data.root={photos}", f"val.dir={val.parent}",
+               f"out_dir={tmp_path / 'runs'}", "model.options.blocks=1", "data.patch_size=16",
+               "data.batch_size=2", "train.iters=2", "val.every=1", "train.ckpt_every=1",
+               "sched.warmup_iters=1", "train.progress=log"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    run = tmp_path / "runs" / "asid_x2_photos"
+    assert "left out" in out.out and "small.png" in out.out and "validation @ 2: PSNR" in out.out
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["iter"] for r in rows] == ["1", "2"] and all(float(r["val_psnr"]) > 10 for r in rows)
+    for f in ("best.safetensors", "model.safetensors"):
+        m = load_model(run / f)
+        assert m.arch_name == "asid" and m.scale == 2

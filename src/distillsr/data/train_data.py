@@ -164,8 +164,8 @@ def find_pairs(kind: str, root, scale: int, lr_root: str = "", split: str = "tra
 class PairStore:
     """Loads (LR, HR) uint8 pairs, HR cropped to exactly ``scale`` x the LR size.
 
-    ``prepare(min_lr_side)`` checks every file's header, leaves out (with a
-    warning naming them) files that are unreadable or too small, and, with
+    ``prepare(min_lr_side)`` checks every file's header, leaves out (and logs,
+    naming them) files that are unreadable or too small, and, with
     ``cache``, decodes everything once (making the LR where needed) so that
     loading a patch costs only a crop.
     """
@@ -234,7 +234,7 @@ class PairStore:
                     data.append(res)
             kept, self._data = specs, data
         for msg in dropped:
-            warnings.warn(f"training image left out: {msg}")
+            log(f"data: left out {msg}")
         if not kept:
             raise DataError("no usable training images" + (f" ({len(dropped)} left out, first: {dropped[0]})"
                                                           if dropped else ""))
