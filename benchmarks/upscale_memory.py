@@ -3,8 +3,10 @@
     python3 benchmarks/upscale_memory.py            # prints both runs
 
 Each run is a fresh process that upscales a 4000x3000 RGB PNG x2 into an 8000x6000 JPEG
-with `Upscaler.upscale_file` on CPU and reports how much its peak RSS (ru_maxrss) grew
-during the call. The network is nearly free (nearest upscale times a learned gain), so what
+with `Upscaler.upscale_file` on CPU and reports how much its peak RSS grew during the
+call. The peak is the process's VmHWM (Linux /proc/self/status), not getrusage's ru_maxrss:
+ru_maxrss survives exec, so a child started by a big parent (pytest with torch loaded, the
+4000x3000 test image just made) starts with the parent's peak and would hide growth. The network is nearly free (nearest upscale times a learned gain), so what
 is measured is the pipeline's own buffers: the float input, the uint8 output, the bands of
 tiles, the encoder. tests/test_upscale.py runs the worker mode of this script.
 
@@ -15,7 +17,6 @@ tiles, the encoder. tests/test_upscale.py runs the worker mode of this script.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,15 @@ def make_input(path: Path, width: int = 4000, height: int = 3000) -> None:
     yy, xx = np.mgrid[0:height, 0:width]
     img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
     Image.fromarray(img).save(path, compress_level=1)
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process's address space, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def worker(src: str, dst: str, tile: str, budget: str) -> None:
@@ -49,10 +59,9 @@ def worker(src: str, dst: str, tile: str, budget: str) -> None:
             return F.interpolate(x, scale_factor=2, mode="nearest") * self.gain
 
     up = Upscaler(Cheap().eval(), "cpu", tile=tile if tile == "auto" else int(tile), memory_budget=int(budget))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss()
     up.upscale_file(src, dst)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(up.last_tile, (after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    print(up.last_tile, peak_rss() - before)
 
 
 def run_worker(src, dst, tile, budget) -> tuple:

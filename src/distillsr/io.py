@@ -37,7 +37,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageFile
 
-__all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "write_image",
+__all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
            "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
            "INPUT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
 

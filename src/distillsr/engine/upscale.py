@@ -36,7 +36,7 @@ __all__ = ["Upscaler", "select_device", "available_memory", "estimate_memory", "
            "load_runner", "register_backend", "BACKENDS", "collect_inputs", "upscale_files",
            "BatchReport", "MemoryEstimate", "DEFAULT_OVERLAP", "DEFAULT_BLEND"]
 
-DEFAULT_OVERLAP = 16         # LR pixels shared by neighbouring tiles
+DEFAULT_OVERLAP = 24         # LR pixels shared by neighbouring tiles (as the ASID release)
 DEFAULT_BLEND = "feather"    # how overlapping tile outputs are combined (see engine.infer)
 MIN_AUTO_TILE = 64
 MAX_AUTO_TILE = 2048
@@ -343,8 +343,9 @@ class Upscaler:
                             ensemble=self.self_ensemble)
 
     def upscale_array(self, image: np.ndarray, out_dtype=np.float32, bar=None) -> np.ndarray:
-        """H x W x C float array in [0, 1] (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) ->
-        H*s x W*s x C array of ``out_dtype`` (uint8, uint16, or float32 clipped to [0, 1]).
+        """H x W x C array (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; float in [0, 1], or uint8 /
+        uint16, converted band by band) -> H*s x W*s x C array of ``out_dtype`` (uint8, uint16,
+        or float32 clipped to [0, 1]).
 
         ``bar``: a tqdm-like progress bar, reset to the number of tiles and advanced by them.
         """
@@ -364,7 +365,7 @@ class Upscaler:
         out = np.empty((h * s, w * s, c), dtype=out_dtype)
         for r0, r1 in bands:
             a, b = max(0, r0 - halo), min(h, r1 + halo)
-            band = torch.from_numpy(np.array(image[a:b], dtype=np.float32)).to(self.device)  # a copy
+            band = torch.from_numpy(np.ascontiguousarray(imgio.to_float(image[a:b]))).to(self.device)
             band = band.permute(2, 0, 1).unsqueeze(0)
             x = band[:, :cc]
             if cc == 1:
@@ -389,7 +390,7 @@ class Upscaler:
         """Read ``src``, upscale, write ``dst`` atomically in the input's bit depth, with its
         ICC profile and EXIF (orientation applied). Returns the input's info."""
         fmt = imgio.FORMATS[format.lower()][0] if format else imgio.format_for_path(dst)
-        image, info = imgio.read_image(src, max_pixels)
+        image, info = imgio.read_image_native(src, max_pixels)  # uint8/16: a quarter/half of float32
         if fmt == "JPEG" and info.has_alpha:
             raise ImageWriteError(f"{src}: has an alpha channel, which JPEG cannot store; "
                                   "use --format png, webp or tiff")
