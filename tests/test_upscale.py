@@ -45,12 +45,18 @@ class Toy(SRNet):
         return F.interpolate(x, scale_factor=self.scale, mode="nearest") + self.shuffle(self.conv(x))
 
 
-if "toy-upscale-test" not in list_models():
-    register_model("toy-upscale-test", scales=(2, 3, 4))(lambda scale, **o: Toy(scale, **o))
+@pytest.fixture(scope="module", autouse=True)
+def toy_arch():
+    """"toy-upscale-test" in the registry while this module runs (checkpoints name it)."""
+    from distillsr import registry
+    if "toy-upscale-test" not in list_models():
+        register_model("toy-upscale-test", scales=(2, 3, 4))(lambda scale, **o: Toy(scale, **o))
+    yield
+    registry._REGISTRY.pop("toy-upscale-test", None)
 
 
 @pytest.fixture(scope="module")
-def toy_ckpt(tmp_path_factory):
+def toy_ckpt(tmp_path_factory, toy_arch):
     """Toy x2 weights as a checkpoint file, for the CLI's --weights."""
     model = distillsr.create_model("toy-upscale-test", 2)
     return save_model(model, tmp_path_factory.mktemp("ckpt") / "toy_x2.safetensors")
