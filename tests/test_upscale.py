@@ -4,7 +4,6 @@ Most tests use ``Toy``, a tiny SRNet (one 3x3 conv + pixel shuffle on top of a n
 upscale), so they run in milliseconds; the CLI ones save it as a checkpoint (``--weights``).
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
