@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
-__all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "write_image",
+__all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
            "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
            "INPUT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
 

@@ -40,8 +40,9 @@ PathLike = Union[str, os.PathLike]
 DirsArg = Optional[Union[PathLike, Sequence[PathLike]]]
 
 
-class PretrainedError(LookupError):
-    """Pretrained weights that are not installed, or whose file does not match its card."""
+class PretrainedError(LookupError, ValueError):
+    """Pretrained weights that are not installed, or whose file does not match its card
+    (caught by ``except LookupError`` and by ``except ValueError``)."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ __all__ = ["Upscaler", "select_device", "available_memory", "estimate_memory", "
            "load_runner", "register_backend", "BACKENDS", "collect_inputs", "upscale_files",
            "BatchReport", "MemoryEstimate", "DEFAULT_OVERLAP", "DEFAULT_BLEND"]
 
-DEFAULT_OVERLAP = 16         # LR pixels shared by neighbouring tiles
+DEFAULT_OVERLAP = 24         # LR pixels shared by neighbouring tiles (as the ASID release)
 DEFAULT_BLEND = "feather"    # how overlapping tile outputs are combined (see engine.infer)
 MIN_AUTO_TILE = 64
 MAX_AUTO_TILE = 2048
@@ -253,43 +253,37 @@ def choose_tile(runner: Runner, height: int, width: int, device: Union[str, torc
     return int(min(MAX_AUTO_TILE, max(lo, side)) // 8 * 8)
 
 
-def _count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
-    def n(length):
-        if length <= tile:
-            return 1
-        return math.ceil((length - tile) / max(1, tile - overlap)) + 1
-    return n(h) * n(w)
-
-
 # ----------------------------------------------------------------------------- one image
 
-def _ensemble_transforms(n: int):
-    """The first ``n`` of the x8 dihedral transforms (k * 90 degree rotation, optional flip),
-    each with its inverse; ``n = 1`` is the identity."""
-    def identity(x):
-        return x
-    out = [(identity, identity)]
-    for k in range(4):
-        for flip in (False, True):
-            if k == 0 and not flip:
-                continue
+class _Counting:
+    """Wraps a runner to advance a progress bar by one per call (one call = one tile)."""
 
-            def fwd(x, k=k, flip=flip):
-                x = torch.rot90(x, k, (2, 3))
-                return x.flip(3) if flip else x
+    def __init__(self, runner: Runner, bar):
+        self.runner, self.bar, self.scale = runner, bar, runner.scale
 
-            def inv(y, k=k, flip=flip):
-                y = y.flip(3) if flip else y
-                return torch.rot90(y, -k, (2, 3))
-            out.append((fwd, inv))
-    return out[:n]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.runner(x)
+        self.bar.update(1)
+        return y
+
+
+def _tiles_per_pass(h: int, w: int, tile: Optional[int], overlap: int) -> int:
+    """Forward calls ``tiled_forward`` makes for an h x w input (1 for the whole image)."""
+    if tile is None:
+        return 1
+    from .infer import tile_starts
+    t = min(tile, h, w)
+    ov = overlap if t > overlap else t // 2
+    return len(tile_starts(h, t, ov)) * len(tile_starts(w, t, ov))
 
 
 class Upscaler:
     """Upscales float image arrays with one network; see the module docstring.
 
     ``tile``: ``"auto"`` (from free memory), ``None``/``0`` (always the whole image) or an
-    int (LR pixels). ``progress``: a tqdm-like bar to advance by tiles (optional).
+    int (LR pixels); ``tile_overlap`` and ``blend`` (``"feather"`` or ``"mean"``) are passed
+    to ``tiled_forward``; ``memory_budget`` (bytes) replaces half the free memory for
+    ``"auto"``. The model is used as given (put it in eval mode on ``device``).
     """
 
     def __init__(self, runner: Runner, device: Union[str, torch.device, None] = None,
@@ -304,6 +298,8 @@ class Upscaler:
             raise ValueError(f"tile {tile} must be larger than twice the overlap {tile_overlap}")
         if tile_overlap < 0:
             raise ValueError(f"tile overlap must be >= 0, got {tile_overlap}")
+        if blend not in ("mean", "feather"):
+            raise ValueError(f"blend must be 'mean' or 'feather', got {blend!r}")
         self.runner = runner
         if device is None:
             param = next(iter(runner.parameters()), None) if isinstance(runner, torch.nn.Module) else None
@@ -312,7 +308,7 @@ class Upscaler:
         self.tile = tile or None
         self.overlap = tile_overlap
         self.blend = blend
-        self.transforms = _ensemble_transforms(8 if self_ensemble else 1)
+        self.self_ensemble = bool(self_ensemble)
         self.memory_budget = memory_budget
         self.last_tile: Optional[int] = None  # what the last image used (None: whole image)
 
@@ -332,29 +328,27 @@ class Upscaler:
         halo = max(self.overlap, 4)
         # bytes of float output per LR row: the result, the blend accumulators, the ensemble sum
         row_bytes = 3 * 4 * s * s * width * 3
-        rows = max(tile, int(BAND_BYTES // row_bytes) // 8 * 8)
-        bands = [(r0, min(height, r0 + rows)) for r0 in range(0, height, rows)]
-        return tile, bands, halo
+        rows = max(tile, int(BAND_BYTES // row_bytes))
+        n = max(1, height // rows)  # equal bands, each at least `rows` (>= tile) high
+        edges = [round(k * height / n) for k in range(n + 1)]
+        return tile, list(zip(edges[:-1], edges[1:])), halo
 
     # -- inference
-    def _forward(self, x: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
-        if tile is None:
-            return self.runner(x)
-        from .infer import tiled_forward
-        return tiled_forward(self.runner, x, self.scale, tile, self.overlap, blend=self.blend)
-
-    def _run(self, x: torch.Tensor, tile: Optional[int], bar=None, tiles: int = 1) -> torch.Tensor:
-        acc = None
-        for fwd, inv in self.transforms:
-            y = inv(self._forward(fwd(x), tile))
-            acc = y if acc is None else acc.add_(y)
-            if bar is not None:
-                bar.update(tiles)
-        return acc if len(self.transforms) == 1 else acc / len(self.transforms)
+    def _forward_fn(self, tile: Optional[int], bar=None):
+        runner = self.runner if bar is None else _Counting(self.runner, bar)
+        if tile is None and not self.self_ensemble:
+            return runner
+        from .infer import make_forward
+        return make_forward(runner, self.scale, tile=tile, overlap=self.overlap, blend=self.blend,
+                            ensemble=self.self_ensemble)
 
     def upscale_array(self, image: np.ndarray, out_dtype=np.float32, bar=None) -> np.ndarray:
-        """H x W x C float array in [0, 1] (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) ->
-        H*s x W*s x C array of ``out_dtype`` (uint8, uint16, or float32 clipped to [0, 1])."""
+        """H x W x C array (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; float in [0, 1], or uint8 /
+        uint16, converted band by band) -> H*s x W*s x C array of ``out_dtype`` (uint8, uint16,
+        or float32 clipped to [0, 1]).
+
+        ``bar``: a tqdm-like progress bar, reset to the number of tiles and advanced by them.
+        """
         if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
             raise ValueError(f"expected an H x W x C image with C in 1..4, got shape {image.shape}")
         h, w, c = image.shape
@@ -363,20 +357,21 @@ class Upscaler:
         cc = c - int(has_alpha)
         tile, bands, halo = self.plan(h, w)
         self.last_tile = tile
+        forward = self._forward_fn(tile, bar)
         if bar is not None:
-            per_band = [_count_tiles(min(h, r1 + halo) - max(0, r0 - halo), w, tile, self.overlap)
-                        if tile else 1 for r0, r1 in bands]
-            bar.reset(total=sum(per_band) * len(self.transforms))
+            passes = 8 if self.self_ensemble else 1
+            bar.reset(total=passes * sum(_tiles_per_pass(min(h, r1 + halo) - max(0, r0 - halo), w, tile,
+                                                         self.overlap) for r0, r1 in bands))
         out = np.empty((h * s, w * s, c), dtype=out_dtype)
-        for i, (r0, r1) in enumerate(bands):
+        for r0, r1 in bands:
             a, b = max(0, r0 - halo), min(h, r1 + halo)
-            band = torch.from_numpy(np.ascontiguousarray(image[a:b])).to(self.device, torch.float32)
+            band = torch.from_numpy(np.ascontiguousarray(imgio.to_float(image[a:b]))).to(self.device)
             band = band.permute(2, 0, 1).unsqueeze(0)
             x = band[:, :cc]
             if cc == 1:
                 x = x.expand(-1, 3, -1, -1)
             with torch.inference_mode():
-                y = self._run(x, tile, bar, per_band[i] if bar is not None else 1)
+                y = forward(x)
                 y = y[:, :, (r0 - a) * s:(r1 - a) * s]
                 if cc == 1:
                     y = y.mean(1, keepdim=True)
@@ -395,7 +390,7 @@ class Upscaler:
         """Read ``src``, upscale, write ``dst`` atomically in the input's bit depth, with its
         ICC profile and EXIF (orientation applied). Returns the input's info."""
         fmt = imgio.FORMATS[format.lower()][0] if format else imgio.format_for_path(dst)
-        image, info = imgio.read_image(src, max_pixels)
+        image, info = imgio.read_image_native(src, max_pixels)  # uint8/16: a quarter/half of float32
         if fmt == "JPEG" and info.has_alpha:
             raise ImageWriteError(f"{src}: has an alpha channel, which JPEG cannot store; "
                                   "use --format png, webp or tiff")
