@@ -251,3 +251,22 @@ def test_photos_config_end_to_end_with_asid(tmp_path, capsys):
     for f in ("best.safetensors", "model.safetensors"):
         m = load_model(run / f)
         assert m.arch_name == "asid" and m.scale == 2
+
+
+def test_bf16_autocast_and_channels_last(tmp_path, data):
+    r = train(_cfg(tmp_path, data, **{"train.iters": 4, "train.amp": "bf16", "train.channels_last": True}),
+              **QUIET)
+    assert r.completed and np.isfinite(r.last_loss)
+    with pytest.raises(TrainError, match="fp16 needs a CUDA device"):
+        train(_cfg(tmp_path, data, name="fp16", **{"train.amp": "fp16"}), **QUIET)
+
+
+def test_diverging_run_stops_before_writing_a_bad_checkpoint(tmp_path, data):
+    cfg = _cfg(tmp_path, data, **{"optim.lr": 1e30, "train.iters": 40, "train.ckpt_every": 2, "train.log_every": 2,
+                                  "optim.weight_decay": 0})
+    with pytest.raises(TrainError, match="NaN or infinite") as e:
+        train(cfg, **QUIET)
+    ck = tmp_path / "runs" / "run" / "checkpoints"
+    for _, p in st.list_checkpoints(ck):  # every checkpoint written holds finite weights
+        assert all(torch.isfinite(v).all() for v in _weights(st.read_state(p)["paths"]["model"]).values())
+    assert "resume from it" in str(e.value)
