@@ -34,7 +34,7 @@ from .benchmark import BenchmarkSet, ImageError, make_lr, write_png
 from .benchmark import read_image as _read_image
 
 __all__ = ["IMAGE_EXTS", "list_images", "read_rgb", "downscale", "PairSpec", "find_pairs",
-           "PairStore", "PatchDataset", "IterationBatchSampler", "build_train_loader",
+           "PairStore", "PatchDataset", "IterationBatchSampler", "build_train_loader", "collate_patches",
            "load_benchmark", "extract_subimages", "DataError"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -231,7 +231,7 @@ class PairStore:
 # ----------------------------------------------------------------------------- patches
 
 class PatchDataset(Dataset):
-    """Sample ``n`` of a run -> (LR patch, HR patch), uint8 CHW tensors.
+    """Sample ``n`` of a run -> (LR patch, HR patch), uint8 CHW numpy arrays (batched by ``collate_patches``).
 
     Image of sample ``n``: epoch ``e = n // L`` (``L = len(store) * repeat``)
     uses the permutation of ``range(L)`` seeded by ``(seed, e)``; the patch
@@ -278,15 +278,14 @@ class PatchDataset(Dataset):
         hflip, vflip, transpose = (rng.random(3) < 0.5).tolist()  # always three draws
         lr_p = lr[y:y + p, x:x + p]
         hr_p = hr[y * s:(y + p) * s, x * s:(x + p) * s]
-        lr_t = torch.from_numpy(np.ascontiguousarray(lr_p)).permute(2, 0, 1)
-        hr_t = torch.from_numpy(np.ascontiguousarray(hr_p)).permute(2, 0, 1)
+        # numpy views, one copy at the end (torch ops on these sizes would start thread pools)
         if self.flip and hflip:
-            lr_t, hr_t = lr_t.flip(-1), hr_t.flip(-1)
+            lr_p, hr_p = lr_p[:, ::-1], hr_p[:, ::-1]
         if self.flip and vflip:
-            lr_t, hr_t = lr_t.flip(-2), hr_t.flip(-2)
+            lr_p, hr_p = lr_p[::-1], hr_p[::-1]
         if self.rot90 and transpose:  # with the flips this gives all 8 dihedral transforms
-            lr_t, hr_t = lr_t.transpose(-1, -2), hr_t.transpose(-1, -2)
-        return lr_t.contiguous(), hr_t.contiguous()
+            lr_p, hr_p = lr_p.transpose(1, 0, 2), hr_p.transpose(1, 0, 2)
+        return np.ascontiguousarray(lr_p.transpose(2, 0, 1)), np.ascontiguousarray(hr_p.transpose(2, 0, 1))
 
 
 class IterationBatchSampler(Sampler):
@@ -312,6 +311,15 @@ class IterationBatchSampler(Sampler):
         return max(0, self.end - self.start)
 
 
+def collate_patches(batch):
+    """Stack (LR, HR) uint8 arrays into two NCHW uint8 tensors.
+
+    Stacked with numpy, single-threaded: torch's stack of a few MB starts its
+    thread pool, which costs far more than the copy on a busy machine."""
+    return (torch.from_numpy(np.stack([b[0] for b in batch])),
+            torch.from_numpy(np.stack([b[1] for b in batch])))
+
+
 def _worker_init(_):
     import signal
     torch.set_num_threads(1)
@@ -325,7 +333,8 @@ def build_train_loader(dataset: PatchDataset, global_batch: int, start: int, end
     kw = {}
     if num_workers > 0:
         kw = dict(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, **kw)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_patches, **kw)
 
 
 # ----------------------------------------------------------------------------- validation sets
