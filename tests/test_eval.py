@@ -15,7 +15,7 @@ from conftest import shared_path
 from distillsr.cli.main import main
 from distillsr.data.benchmark import make_lr, write_png
 from distillsr.data.imresize import imresize
-from distillsr.engine.evaluate import evaluate
+from distillsr.engine.evaluate import evaluate, format_table
 from distillsr.engine.infer import make_forward, self_ensemble, tile_starts, tiled_forward
 from distillsr.metrics import psnr_ssim
 from distillsr.models.base import SRNet
@@ -179,6 +179,11 @@ def test_chop_flag_uses_engine_chop():
     else:
         x = torch.rand(1, 3, 40, 30)
         assert torch.allclose(make_forward(model, 2, chop=True)(x), model(x), atol=1e-6)
+    res = {"model": "m", "weights": None, "scale": 2, "ssim_variant": "wang", "grey": "raw", "tile": None,
+           "self_ensemble": False, "results": [{"dataset": "Set5", "psnr": 30.0, "ssim": 0.9, "num_images": 5,
+                                                 "seconds": 1.0, "images": []}]}
+    assert "chop" in format_table(res, chop=True).splitlines()[0]
+    assert "whole image" in format_table(res).splitlines()[0]
 
 
 # ------------------------------------------------------------------ evaluation on a temp dataset
@@ -291,10 +296,20 @@ def test_eval_weights_and_tiles(toy_registered, tiny_root, tmp_path, capsys):
     assert rc != 0 and "x2" in capsys.readouterr().err
 
 
-def test_eval_model_name_without_weights_is_an_error(toy_registered, tiny_root, capsys):
+def test_eval_model_name_uses_shipped_weights_or_fails(toy_registered, tiny_root, tmp_path, monkeypatch, capsys):
     root, _, _ = tiny_root
+    monkeypatch.setenv("DISTILLSR_WEIGHTS_DIR", str(tmp_path / "weights"))
     rc = main(["eval", "--model", toy_registered, "--scale", "2", "--data", str(root), "--no-progress"])
-    assert rc != 0 and "weights" in capsys.readouterr().err
+    assert rc != 0 and "no weights ship" in capsys.readouterr().err
+    pretrained = pytest.importorskip("distillsr.pretrained")
+    from distillsr import create_model
+    entry = pretrained.save_pretrained(create_model(toy_registered, 2), toy_registered, tmp_path / "weights")
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", toy_registered, "--scale", "2", "--data", str(root), "--skip-bad",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["model"] == toy_registered and res["weights"] == str(entry.file)
     rc = main(["eval", "--model", "no-such-model", "--scale", "2", "--data", str(root), "--no-progress"])
     assert rc != 0 and "no-such-model" in capsys.readouterr().err
     rc = main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(root), "--datasets", "Nope",

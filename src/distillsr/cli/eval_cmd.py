@@ -72,15 +72,19 @@ def run(args) -> int:
                           chop=args.chop, ssim_variant=args.ssim, grey=args.grey,
                           save_images=args.save_images, device=device, skip_bad=args.skip_bad,
                           progress=not args.no_progress, skipped=skipped)
-    except EvalError as e:
+    except (EvalError, OSError) as e:  # OSError: --save-images could not write
         err(str(e))
         return 1
-    print(format_table(result))
+    print(format_table(result, chop=args.chop))
     if skipped:
         print(f"{len(skipped)} image(s) skipped (not in the means):")
         for ds, msg in skipped:
             print(f"  {ds}: {msg}")
     if args.json:
-        write_json(result, args.json)
+        try:
+            write_json(result, args.json)
+        except OSError as e:
+            err(f"cannot write {args.json}: {e}")
+            return 1
         print(f"wrote {args.json}")
     return 0

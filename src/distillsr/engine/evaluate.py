@@ -52,19 +52,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_pretrained(name: str, scale: int, device: str) -> EvalModel:
+def _pretrained_module():
+    """``distillsr.pretrained`` (the table of shipped weights), or None in a build without it."""
     try:
-        from ..pretrained import load_pretrained
+        from .. import pretrained
     except ModuleNotFoundError as e:
         if e.name != "distillsr.pretrained":
             raise
-        raise EvalError(f"no weights ship for model {name!r} (x{scale}) in this build; "
-                        f"evaluate a checkpoint with --weights PATH") from None
-    try:
-        module = load_pretrained(name, scale, device=device)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise EvalError(f"no weights for model {name!r} x{scale}: {e}") from e
-    return EvalModel(name, f"pretrained:{name}", module)
+        return None
+    return pretrained
 
 
 def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = None, *,
@@ -74,7 +70,8 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
     * ``weights``: any checkpoint ``distillsr.load_model`` reads (``name``, if
       given, must match its architecture);
     * ``name="bicubic"``: the classic bicubic baseline (MATLAB imresize of the LR);
-    * a registered model name: its shipped weights (``distillsr.pretrained``).
+    * another name: shipped weights of that name and scale (``distillsr.pretrained``);
+      a registered architecture without shipped weights is an error.
     """
     if weights is not None:
         if name is not None and name.lower() == BICUBIC:
@@ -92,16 +89,30 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
         return EvalModel(name.lower() if name else arch, str(weights), module)
     if name is None:
         raise EvalError("nothing to evaluate: give --model NAME or --weights PATH")
-    if name.lower() == BICUBIC:
+    key = name.lower()
+    if key == BICUBIC:
         return EvalModel(BICUBIC, None, None)
+    pretrained = _pretrained_module()
+    if pretrained is not None:
+        try:
+            entry = pretrained.get_pretrained(key, scale)
+        except LookupError:
+            entry = None
+        if entry is not None:
+            try:
+                module = pretrained.load_pretrained(key, scale, device=device)
+            except (LookupError, ValueError, OSError) as e:
+                raise EvalError(str(e)) from e
+            return EvalModel(key, str(entry.file), module)
     from ..registry import model_info
     try:
-        info = model_info(name)
+        info = model_info(key)
     except KeyError as e:
         raise EvalError(f"{e.args[0]} (or 'bicubic' for the baseline)") from None
     if scale not in info.scales:
         raise EvalError(f"model {info.name!r} supports scales {list(info.scales)}, not x{scale}")
-    return _load_pretrained(info.name, scale, device)
+    raise EvalError(f"no weights ship for model {info.name!r} x{scale}; evaluate a checkpoint "
+                    f"with --weights PATH")
 
 
 def _quantise(y: torch.Tensor) -> np.ndarray:
@@ -225,9 +236,10 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
             "self_ensemble": bool(self_ensemble), "results": results}
 
 
-def format_table(result: dict) -> str:
-    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers)."""
-    how = f"tiles {result['tile']}" if result["tile"] else "whole image"
+def format_table(result: dict, chop: bool = False) -> str:
+    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers). ``chop``:
+    say that chop inference was used (the JSON-shaped result does not record it)."""
+    how = f"tiles {result['tile']}" if result["tile"] else ("chop" if chop else "whole image")
     if result["self_ensemble"]:
         how += " + x8 self-ensemble"
     lines = [f"model {result['model']}" + (f" ({result['weights']})" if result["weights"] else "")
