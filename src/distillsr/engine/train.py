@@ -24,7 +24,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -309,8 +308,12 @@ class Trainer:
                     if not p.is_file():
                         raise TrainError(f"--resume {p}: no such file or folder")
                     if p.suffix == ".safetensors":
+                        weights = p
                         p = p.with_name(p.name.replace("_ema.safetensors", ".safetensors")
                                         .replace(".safetensors", ".state.pt"))
+                        if not p.is_file():
+                            raise TrainError(f"--resume {weights}: no training state {p.name} next to it "
+                                             f"(only checkpoints/iter_*.safetensors have one)")
                     try:
                         state = st.read_state(p)
                     except st.StateError as e:
