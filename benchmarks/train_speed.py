@@ -71,6 +71,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", nargs="+", default=["fp32"], choices=["fp32", "bf16", "channels_last"])
     p.add_argument("--data", help="a folder of HR images: feed the steps from the training data pipeline")
+    p.add_argument("--data-only", action="store_true",
+                   help="with --data: time the data pipeline alone (batches/s, no network)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -82,9 +84,21 @@ def main(argv=None):
         loader = None
         if a.data:
             from distillsr.data.train_data import PairStore, PatchDataset, build_train_loader, find_pairs
+            t = time.perf_counter()
             store = PairStore(find_pairs("hr_folder", a.data, a.scale), a.scale).prepare(patch, log=lambda m: None)
+            print(f"data: {len(store)} images decoded and their LR made in {time.perf_counter() - t:.1f} s "
+                  f"({store.nbytes() / 2 ** 20:.0f} MiB in memory)")
             ds = PatchDataset(store, patch, seed=0)
             loader = build_train_loader(ds, a.batch, 0, a.iters + a.warmup + 1)
+            if a.data_only:
+                n = 200
+                t = time.perf_counter()
+                for _ in build_train_loader(ds, a.batch, 0, n):
+                    pass
+                bps = n / (time.perf_counter() - t)
+                print(f"| data pipeline only | x{a.scale} | {a.batch} | {patch}x{patch} | - | {bps:.1f} | "
+                      f"{bps * a.batch:.0f} |", flush=True)
+                continue
         for v in a.variants:
             if loader is not None:
                 ds_loader = build_train_loader(ds, a.batch, 0, a.iters + a.warmup + 1)

@@ -14,7 +14,7 @@ def register(sub) -> None:
         "download", help="download, check and extract a dataset (resumable)",
         description="Download a dataset (resuming partial files with HTTP Range requests), check its "
                     "size / checksum where known, extract it, and for benchmark sets make any missing "
-                    f"LR_bicubic/X<s> image with MATLAB bicubic. Datasets: "
+                    "LR_bicubic/X<s> image with MATLAB bicubic. Datasets: "
                     + "; ".join(f"{k}: {v.description}" for k, v in DATASETS.items()))
     d.add_argument("dataset", choices=sorted(DATASETS))
     d.add_argument("--to", required=True, metavar="DIR", help="target folder (archives go to DIR/archives)")

@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -272,33 +272,26 @@ def extract_archive(archive, to_dir, log: Callable[[str], None] = print) -> List
 
 
 def make_benchmark_lr(root, scales: Sequence[int] = (2, 3, 4), log: Callable[[str], None] = print) -> int:
-    """For every ``<root>/<set>/HR``, write the missing ``LR_bicubic/X<s>/<name>x<s>.png`` (MATLAB bicubic).
+    """For every ``<root>/<set>/HR``, write the missing ``LR_bicubic/X<s>/<name>x<s>.png``
+    (MATLAB bicubic of the mod-cropped HR, :func:`distillsr.data.degrade_folder`).
 
     Returns how many LR images were made. Greyscale HR images get greyscale LR.
     """
-    import numpy as np
-    from PIL import Image
-    from .train_data import downscale, list_images, write_image
+    from .benchmark import degrade_folder, find_sets
     root = Path(root)
-    made = 0
-    sets = sorted(p for p in root.iterdir() if (p / "HR").is_dir()) if root.is_dir() else []
+    try:
+        sets = find_sets(root)
+    except FileNotFoundError:
+        sets = []
     if not sets:
         raise DownloadError(f"{root}: no <set>/HR folders to make LR images for")
-    for d in sets:
-        for s in scales:
-            for hr_path in list_images(d / "HR"):
-                out = d / "LR_bicubic" / f"X{s}" / f"{hr_path.stem}x{s}.png"
-                if out.exists():
-                    continue
-                with Image.open(hr_path) as im:
-                    grey = im.mode in ("L", "LA")
-                    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-                lr = downscale(rgb, s)
-                write_image(out, lr[..., 0] if grey else lr)
-                made += 1
-        log(f"{d.name}: LR images present for x{', x'.join(map(str, scales))}")
-    if made:
-        log(f"made {made} LR image(s) with MATLAB bicubic")
+    made = 0
+    for name in sets:
+        stats = degrade_folder(root / name / "HR", root / name, scales,
+                               on_error=lambda p, e: log(f"{p}: {e}; skipped"))
+        made += stats["written"]
+        log(f"{name}: LR images present for x{', x'.join(map(str, scales))}"
+            + (f" ({stats['written']} made with MATLAB bicubic)" if stats["written"] else ""))
     return made
 
 
