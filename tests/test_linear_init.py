@@ -51,3 +51,21 @@ def test_mismatched_sizes_are_refused():
         fit_subpixel_filter([(np.zeros((8, 8, 3)), np.zeros((15, 16, 3)))], 2)
     with pytest.raises(TypeError, match="linear init"):
         apply_linear_init(torch.nn.Conv2d(3, 3, 1), np.zeros((12, 3, 3, 3)), np.zeros(12))
+
+
+def test_train_option_init_linear_starts_from_the_fitted_filter(tmp_path):
+    from distillsr.engine import Trainer, load_config
+    from train_helpers import make_paired, tiny_config
+    make_paired(tmp_path / "data", n=3, size=48, scale=2)
+    cfg = load_config(None, tiny_config(tmp_path, tmp_path / "data", **{
+        "model.arch": "asid", "model.options": "{blocks: 1}", "init_linear": True, "train.iters": 1}))
+    trainer = Trainer(cfg, log=lambda m: None)
+    model = trainer.model.eval()
+    pairs = [trainer.dataset.store.load(i) for i in range(3)]
+    w, b = fit_subpixel_filter(((lr / 255.0, hr / 255.0) for lr, hr in pairs), 2, seed=3)
+    lr = pairs[0][0] / 255.0
+    with torch.no_grad():
+        got = model(torch.from_numpy(lr).permute(2, 0, 1)[None].float())
+    torch.testing.assert_close(got, _filter_output(lr, w, b, 2), atol=1e-5, rtol=0)
+    ema = trainer.ema.module.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())

@@ -108,6 +108,7 @@ class Config:
     seed: int = 0
     init_from: str = ""        # initialise the network from this checkpoint
     init_strict: bool = True   # false: load every tensor whose name and shape match, report the rest
+    init_linear: bool = False  # ASID: fit the linear path by least squares on the training pairs first
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val: ValConfig = field(default_factory=ValConfig)

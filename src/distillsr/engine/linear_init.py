@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["fit_subpixel_filter", "apply_linear_init"]
+__all__ = ["fit_subpixel_filter", "apply_linear_init", "linear_init_from_pairs", "linear_init_from_images"]
 
 
 def _neighbourhoods(lr: np.ndarray) -> np.ndarray:
@@ -87,23 +87,28 @@ def apply_linear_init(model: nn.Module, weight: np.ndarray, bias: np.ndarray) ->
     fuse.weight.zero_()
     fuse.bias.zero_()
     up.weight.zero_()
-    up.weight[:, :3] = torch.as_tensor(weight, dtype=up.weight.dtype)
-    up.bias.copy_(torch.as_tensor(bias, dtype=up.bias.dtype))
+    up.weight[:, :3] = torch.as_tensor(weight, dtype=up.weight.dtype, device=up.weight.device)
+    up.bias.copy_(torch.as_tensor(bias, dtype=up.bias.dtype, device=up.bias.device))
     return model
+
+
+def linear_init_from_pairs(model: nn.Module, pairs: Iterable[Tuple[np.ndarray, np.ndarray]], scale: int,
+                           seed: int = 0, samples_per_image: Optional[int] = 8000) -> nn.Module:
+    """Fit on uint8 RGB (LR, HR) pairs and apply; values are scaled to the model's ``pixel_range``."""
+    lo, hi = getattr(model, "pixel_range", (0.0, 1.0))
+    scaled = ((lr / 255.0 * (hi - lo) + lo, hr / 255.0 * (hi - lo) + lo) for lr, hr in pairs)
+    weight, bias = fit_subpixel_filter(scaled, scale, samples_per_image or 0, seed)
+    return apply_linear_init(model, weight, bias)
 
 
 def linear_init_from_images(model: nn.Module, hr_images: Iterable[np.ndarray], scale: int,
                             seed: int = 0, samples_per_image: Optional[int] = 8000) -> nn.Module:
-    """Fit on uint8 HR images (LR made with MATLAB bicubic, as the benchmarks) and apply.
-    Values are scaled to the model's ``pixel_range``."""
+    """Fit on uint8 HR images, their LR made with MATLAB bicubic as the benchmarks', and apply."""
     from ..data.imresize import imresize
-    lo, hi = getattr(model, "pixel_range", (0.0, 1.0))
 
     def pairs():
         for hr in hr_images:
-            hr = hr[: hr.shape[0] // scale * scale, : hr.shape[1] // scale * scale, :3]
-            lr = imresize(np.ascontiguousarray(hr), 1.0 / scale)
-            yield (lr / 255.0 * (hi - lo) + lo, hr / 255.0 * (hi - lo) + lo)
+            hr = np.ascontiguousarray(hr[: hr.shape[0] // scale * scale, : hr.shape[1] // scale * scale, :3])
+            yield imresize(hr, 1.0 / scale), hr
 
-    weight, bias = fit_subpixel_filter(pairs(), scale, samples_per_image or 0, seed)
-    return apply_linear_init(model, weight, bias)
+    return linear_init_from_pairs(model, pairs(), scale, seed, samples_per_image)

@@ -396,6 +396,13 @@ class Trainer:
         if d.cache:
             self.log(f"data: {len(store)} images, {store.nbytes() / 2 ** 20:.0f} MiB in memory")
         self.dataset = PatchDataset(store, d.patch_size, cfg.seed, d.flip, d.rot90, d.repeat)
+        if cfg.init_linear and self.resume_state is None:
+            from .linear_init import linear_init_from_pairs
+            linear_init_from_pairs(self.model, (store.load(i) for i in range(len(store))),
+                                   cfg.model.scale, seed=cfg.seed)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.model.state_dict())
+            self.log("init: linear path fitted by least squares on the training pairs")
 
         self.val_pairs = None
         if cfg.val.dir and self.dist.is_main:
