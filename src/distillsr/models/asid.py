@@ -53,11 +53,84 @@ def _nhwc(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).contiguous()
 
 
-def conv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``conv`` to an NHWC map; a pointwise conv is a matrix product over channels."""
+# Fused CPU kernels. In inference on the CPU (no autograd, no tracing or export) a
+# matrix product or conv and what follows it (GELU, sigmoid, a residual add, the gate
+# of the GFN) run as one oneDNN primitive with post-ops, which saves a pass over the
+# map each. Everywhere else (training, CUDA, export) the same ops run one by one.
+_MKLDNN = getattr(torch.ops, "mkldnn", None)
+_HAS_FUSED = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
+              and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_convolution_pointwise"))
+
+
+class fused_kernels:
+    """``with fused_kernels(False):`` runs the plain op-by-op path (used by export)."""
+
+    enabled = True
+
+    def __init__(self, enabled: bool):
+        self.enabled_inside = enabled
+
+    def __enter__(self):
+        self.before, fused_kernels.enabled = fused_kernels.enabled, self.enabled_inside
+
+    def __exit__(self, *exc):
+        fused_kernels.enabled = self.before
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    return (fused_kernels.enabled and _HAS_FUSED and type(x) is torch.Tensor
+            and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def _act(y: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "sigmoid":
+        return torch.sigmoid(y)
+    return y
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              act: Optional[str] = None, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(x W^T + b)`` or ``x W^T + b + add`` over the channels of an NHWC map
+    (a 1x1 conv or a linear layer; ``weight`` (out, in) or (out, in, 1, 1))."""
+    w = weight.flatten(1)
+    if _fusable(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if add is not None:
+            y = _MKLDNN._linear_pointwise.binary(x2, add.reshape(-1, w.shape[0]), w, bias, "add")
+        else:
+            y = _MKLDNN._linear_pointwise(x2, w, bias, act or "none", [], "none" if act == "gelu" else "")
+        return y.view(*x.shape[:-1], w.shape[0])
+    y = _act(F.linear(x, w, bias), act)
+    return y if add is None else y + add
+
+
+def conv_nhwc(conv: nn.Conv2d, x: torch.Tensor, act: Optional[str] = None,
+              mul: Optional[torch.Tensor] = None, channels: Optional[slice] = None) -> torch.Tensor:
+    """``act(conv(x))`` or ``conv(x) * mul`` on an NHWC map; ``channels`` restricts a
+    depthwise conv to some of its channels (``x`` holds just those)."""
+    w, b = conv.weight, conv.bias
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
-        return F.linear(x, conv.weight.flatten(1), conv.bias)
-    return _nhwc(conv(_nchw(x)))
+        y = pointwise(x, w, b, act)
+        return y if mul is None else y * mul
+    groups = conv.groups
+    if channels is not None:
+        w, b, groups = w[channels], (None if b is None else b[channels]), x.shape[-1]
+    if _fusable(x):
+        xc = _nchw(x.contiguous())
+        args = (conv.padding, conv.stride, conv.dilation, groups)
+        if mul is not None:
+            y = _MKLDNN._convolution_pointwise.binary(xc, _nchw(mul.contiguous()), w, b, *args,
+                                                      "mul", None, None, [], None)
+        else:
+            y = _MKLDNN._convolution_pointwise(xc, w, b, *args, act or "none", [],
+                                               "none" if act == "gelu" else "")
+        return _nhwc(y)
+    y = _act(_nhwc(F.conv2d(_nchw(x), w, b, conv.stride, conv.padding, conv.dilation, groups)), act)
+    return y if mul is None else y * mul
 
 
 # ----------------------------------------------------------------------------- basics
@@ -83,9 +156,17 @@ class GFN(nn.Module):
         self.dwconv = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=False)
         self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
 
-    def forward(self, x):
-        x1, x2 = conv_nhwc(self.dwconv, conv_nhwc(self.project_in, x)).chunk(2, dim=-1)
-        return conv_nhwc(self.project_out, F.gelu(x1) * x2)
+    def forward(self, x, residual: Optional[torch.Tensor] = None):
+        """NHWC; with ``residual`` returns ``residual + GFN(x)``."""
+        d = self.project_out.in_channels
+        if _fusable(x):  # each half through its own dwconv: GELU and the gate fused into it
+            w = self.project_in.weight
+            x1 = conv_nhwc(self.dwconv, pointwise(x, w[:d]), act="gelu", channels=slice(0, d))
+            g = conv_nhwc(self.dwconv, pointwise(x, w[d:]), mul=x1, channels=slice(d, 2 * d))
+        else:
+            x1, x2 = conv_nhwc(self.dwconv, conv_nhwc(self.project_in, x)).chunk(2, dim=-1)
+            g = F.gelu(x1) * x2
+        return pointwise(g, self.project_out.weight, add=residual)
 
 
 class SE(nn.Module):
@@ -112,8 +193,8 @@ class LM(nn.Module):
         self.conv_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x):
-        y = F.gelu(conv_nhwc(self.dwconv, F.gelu(conv_nhwc(self.conv_in, x))))
-        return x + conv_nhwc(self.conv_out, self.se(y))
+        y = conv_nhwc(self.dwconv, conv_nhwc(self.conv_in, x, act="gelu"), act="gelu")
+        return pointwise(self.se(y), self.conv_out.weight, self.conv_out.bias, add=x)
 
 
 # ----------------------------------------------------------------- window bookkeeping
@@ -197,7 +278,7 @@ class WindowAttention(nn.Module):
         if self.computes:
             q, k, v = F.linear(t, self.qkv.weight).chunk(3, dim=-1)  # strided views, no copies
             bias = self.rel_pos_bias[self.rel_pos_index]
-            attn = torch.baddbmm(bias, q * self.scale, k.transpose(-2, -1)).softmax(dim=-1)
+            attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
         else:
             if shared is None:
                 raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
@@ -220,7 +301,7 @@ class AttentionUnit(nn.Module):
     def forward(self, x, shared: Optional[torch.Tensor] = None):
         y, attn = self.attn(self.norm1(to_tokens(x, self.kind)), shared)
         x = add_tokens(x, y, self.kind)
-        return x + self.gfn(self.norm2(x)), attn
+        return self.gfn(self.norm2(x), residual=x), attn
 
 
 class SAM(nn.Module):
@@ -253,11 +334,14 @@ class ChannelAttention(nn.Module):
     def forward(self, x, residual: Optional[torch.Tensor] = None):
         """NHWC in and out; with ``residual`` returns ``residual + CA(x)`` (one pass fewer)."""
         layout = "meso" if self.kind == "meso" else "grid"
+        c = x.shape[-1]
         t = to_tokens(conv_nhwc(self.qkv_dwconv, conv_nhwc(self.qkv, x)), layout)  # (G, pixels, 3C)
         q, k, v = t.chunk(3, dim=-1)
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)  # along pixels
-        attn = (q.transpose(1, 2) @ k * self.temperature).softmax(dim=-1)  # (G, C, C)
-        y = F.linear(v @ attn.transpose(1, 2), self.project_out.weight.flatten(1))
+        # q, k L2-normalised along pixels: the Gram matrix divided by the norms
+        norms = torch.linalg.vector_norm(t[..., : 2 * c], dim=1).clamp_min(1e-12)  # (G, 2C)
+        scale = self.temperature / (norms[:, :c, None] * norms[:, None, c:])
+        attn = (q.transpose(1, 2) @ k * scale).softmax(dim=-1)  # (G, C, C)
+        y = pointwise(v @ attn.transpose(1, 2), self.project_out.weight)
         if residual is None:
             return from_tokens(y, layout, x.shape)
         return add_tokens(residual, y, layout)
@@ -275,9 +359,9 @@ class CAM(nn.Module):
 
     def forward(self, x):
         x = self.ca_meso(self.norm1(x), residual=x)
-        x = x + self.gfn1(self.norm2(x))
+        x = self.gfn1(self.norm2(x), residual=x)
         x = self.ca_glob(self.norm3(x), residual=x)
-        return x + self.gfn2(self.norm4(x))
+        return self.gfn2(self.norm4(x), residual=x)
 
 
 class ESA(nn.Module):
@@ -295,7 +379,8 @@ class ESA(nn.Module):
         c1 = conv_nhwc(self.conv1, x)
         m = F.max_pool2d(self.conv2(_nchw(c1)), kernel_size=7, stride=3)
         c3 = F.interpolate(self.conv3(m), size=x.shape[1:3], mode="bilinear", align_corners=False)
-        return x * torch.sigmoid(conv_nhwc(self.conv4, _nhwc(c3) + conv_nhwc(self.conv_f, c1)))
+        return x * pointwise(pointwise(c1, self.conv_f.weight, self.conv_f.bias, add=_nhwc(c3)),
+                             self.conv4.weight, self.conv4.bias, act="sigmoid")
 
 
 # ---------------------------------------------------------------- distillation block
@@ -360,7 +445,7 @@ class IDB(nn.Module):
 
     def forward(self, x, shared: Matrices):
         y, mats = self.distill(x, shared)
-        return self.esa(x + conv_nhwc(self.conv, y)), mats
+        return self.esa(pointwise(y, self.conv.weight, self.conv.bias, add=x)), mats
 
 
 class SerialBlock(nn.Module):
@@ -376,7 +461,7 @@ class SerialBlock(nn.Module):
 
     def forward(self, x, shared: Matrices):
         y, mats = self.sam(self.lm(x))
-        return self.esa(x + conv_nhwc(self.conv, self.cam(y))), list(mats)
+        return self.esa(pointwise(self.cam(y), self.conv.weight, self.conv.bias, add=x)), list(mats)
 
 
 # ----------------------------------------------------------------------------- network
@@ -436,8 +521,10 @@ class ASID(SRNet):
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         feats, _ = self.features(self.pad(x))
-        y = self.upsampler(feats)[..., : h * self.scale, : w * self.scale]
-        return y.contiguous()
+        # the last conv in NCHW: oneDNN's channels_last kernel sums its 432 products per
+        # output in an order that loses about 1e-6 here, where nothing averages it out
+        y = self.upsampler(feats.contiguous())
+        return y[..., : h * self.scale, : w * self.scale].contiguous()
 
 
 @register_model("asid", paper="ASID (AAAI 2025)", description="ASID, 3 IDBs, 48 channels")
