@@ -276,14 +276,14 @@ class WindowAttention(nn.Module):
     def forward(self, t: torch.Tensor, shared: Optional[torch.Tensor] = None):
         """t: (windows, 64, d) normalised tokens -> (projected output, attention matrix)."""
         if self.computes:
-            q, k, v = F.linear(t, self.qkv.weight).chunk(3, dim=-1)  # strided views, no copies
+            q, k, v = pointwise(t, self.qkv.weight).chunk(3, dim=-1)  # strided views, no copies
             bias = self.rel_pos_bias[self.rel_pos_index]
             attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
         else:
             if shared is None:
                 raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-            v, attn = F.linear(t, self.v.weight), shared
-        return F.linear(torch.bmm(attn, v), self.proj.weight), attn
+            v, attn = pointwise(t, self.v.weight), shared
+        return pointwise(torch.bmm(attn, v), self.proj.weight), attn
 
 
 class AttentionUnit(nn.Module):
@@ -338,7 +338,7 @@ class ChannelAttention(nn.Module):
         t = to_tokens(conv_nhwc(self.qkv_dwconv, conv_nhwc(self.qkv, x)), layout)  # (G, pixels, 3C)
         q, k, v = t.chunk(3, dim=-1)
         # q, k L2-normalised along pixels: the Gram matrix divided by the norms
-        norms = torch.linalg.vector_norm(t[..., : 2 * c], dim=1).clamp_min(1e-12)  # (G, 2C)
+        norms = t[..., : 2 * c].square().sum(dim=1).sqrt().clamp_min(1e-12)  # (G, 2C)
         scale = self.temperature / (norms[:, :c, None] * norms[:, None, c:])
         attn = (q.transpose(1, 2) @ k * scale).softmax(dim=-1)  # (G, C, C)
         y = pointwise(v @ attn.transpose(1, 2), self.project_out.weight)
