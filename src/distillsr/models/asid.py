@@ -144,7 +144,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class GFN(nn.Module):
@@ -498,11 +498,12 @@ class ASID(SRNet):
     @staticmethod
     def pad(x: torch.Tensor) -> torch.Tensor:
         """Zero-pad bottom/right to a multiple of 8 and to at least 16 px (ESA's minimum);
-        for every input the release accepts this is exactly the release's padding."""
+        for every input the release accepts this is exactly the release's padding.
+        (Written with ``sym_max`` and no branch, so that export keeps H and W symbolic.)"""
         h, w = x.shape[-2:]
-        ph = max(-(-h // WINDOW) * WINDOW, 2 * WINDOW) - h
-        pw = max(-(-w // WINDOW) * WINDOW, 2 * WINDOW) - w
-        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+        ph = torch.sym_max((h + WINDOW - 1) // WINDOW * WINDOW, 2 * WINDOW) - h
+        pw = torch.sym_max((w + WINDOW - 1) // WINDOW * WINDOW, 2 * WINDOW) - w
+        return F.pad(x, (0, pw, 0, ph))
 
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Matrices]:
         """Deep features (NCHW, channels_last memory) of a padded NCHW input, and the
