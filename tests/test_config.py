@@ -81,6 +81,9 @@ def test_every_packaged_config_is_valid(name):
     known = list_models()
     if cfg.model.arch not in known:
         pytest.skip(f"architecture {cfg.model.arch!r} is not registered in this build")
+    from distillsr.registry import create_model
+    m = create_model(cfg.model.arch, cfg.model.scale, **cfg.model.options)
+    assert m.scale == cfg.model.scale
 
 
 def test_paper_recipes():

@@ -1,6 +1,7 @@
 """distillsr: lightweight single-image super-resolution (ASID, RFDN/E-RFDN, FDIWN/FDIWN-M)."""
 from .registry import create_model, list_models, model_info, register_model
 from .checkpoint import CheckpointError, load_model, save_model
+from .api import upscale
 
 __version__ = "0.1.0"
 

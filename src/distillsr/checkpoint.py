@@ -186,6 +186,9 @@ def save_model(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[s
     os.close(fd)
     try:
         save_file(sd, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

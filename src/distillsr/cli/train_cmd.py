@@ -1,7 +1,6 @@
 """``distillsr train``: run a training config (see distillsr.engine)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 

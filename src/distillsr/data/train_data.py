@@ -30,8 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["IMAGE_EXTS", "list_images", "read_image", "write_image", "downscale", "PairSpec", "find_pairs",
-           "PairStore", "PatchDataset", "IterationBatchSampler", "build_train_loader",
+from .benchmark import BenchmarkSet, ImageError, make_lr, write_png
+from .benchmark import read_image as _read_image
+
+__all__ = ["IMAGE_EXTS", "list_images", "read_rgb", "downscale", "PairSpec", "find_pairs",
+           "PairStore", "PatchDataset", "IterationBatchSampler", "build_train_loader", "collate_patches",
            "load_benchmark", "extract_subimages", "DataError"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -51,23 +54,13 @@ def list_images(folder, recursive: bool = False) -> List[Path]:
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
-def read_image(path) -> np.ndarray:
-    """Decode an image to HxWx3 uint8 RGB (greyscale is replicated to three channels)."""
-    from PIL import Image
-    path = Path(path)
+def read_rgb(path) -> np.ndarray:
+    """Decode an image to HxWx3 uint8 RGB (greyscale replicated to three channels)."""
     try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise DataError(f"{path}: {mode} images (16-bit / float) are not supported; convert to 8-bit")
-            if mode != "RGB":
-                im = im.convert("RGB")  # L/P replicated, alpha dropped
-            arr = np.asarray(im, dtype=np.uint8)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
-    return np.ascontiguousarray(arr)
+        img = _read_image(path)
+    except ImageError as e:
+        raise DataError(str(e)) from e
+    return np.ascontiguousarray(np.repeat(img, 3, axis=2)) if img.shape[2] == 1 else img
 
 
 def image_size(path) -> Tuple[int, int]:
@@ -81,28 +74,12 @@ def image_size(path) -> Tuple[int, int]:
     return h, w
 
 
-def write_image(path, arr: np.ndarray) -> None:
-    """Write uint8 HxWx3 (or HxW) as an image, atomically (temp file + rename)."""
-    from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(arr).save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def downscale(hr: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB ``imresize(modcrop(hr, s), 1/s, 'bicubic')`` on uint8 (the benchmarks' LR)."""
     try:
-        from .imresize import imresize  # written by the protocol work (distillsr.data.imresize)
-    except ModuleNotFoundError as e:  # pragma: no cover - until it is merged
-        raise DataError("making LR images needs distillsr.data.imresize, which is not in this build") from e
-    h, w = hr.shape[0] - hr.shape[0] % scale, hr.shape[1] - hr.shape[1] % scale
-    return imresize(np.ascontiguousarray(hr[:h, :w]), 1.0 / scale)
+        return make_lr(hr, scale)
+    except ImageError as e:
+        raise DataError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -164,8 +141,8 @@ def find_pairs(kind: str, root, scale: int, lr_root: str = "", split: str = "tra
 class PairStore:
     """Loads (LR, HR) uint8 pairs, HR cropped to exactly ``scale`` x the LR size.
 
-    ``prepare(min_lr_side)`` checks every file's header, leaves out (with a
-    warning naming them) files that are unreadable or too small, and, with
+    ``prepare(min_lr_side)`` checks every file's header, leaves out (and logs,
+    naming them) files that are unreadable or too small, and, with
     ``cache``, decodes everything once (making the LR where needed) so that
     loading a patch costs only a crop.
     """
@@ -195,12 +172,12 @@ class PairStore:
         return self._load(self.specs[i])
 
     def _load(self, spec: PairSpec) -> Tuple[np.ndarray, np.ndarray]:
-        hr = read_image(spec.hr)
+        hr = read_rgb(spec.hr)
         s = self.scale
         if spec.lr is None:
             lr = downscale(hr, s)
         else:
-            lr = read_image(spec.lr)
+            lr = read_rgb(spec.lr)
         lh, lw = lr.shape[:2]
         if hr.shape[0] < lh * s or hr.shape[1] < lw * s:
             raise DataError(f"{spec.lr}: LR size {lw}x{lh} does not fit HR {spec.hr} "
@@ -234,7 +211,7 @@ class PairStore:
                     data.append(res)
             kept, self._data = specs, data
         for msg in dropped:
-            warnings.warn(f"training image left out: {msg}")
+            log(f"data: left out {msg}")
         if not kept:
             raise DataError("no usable training images" + (f" ({len(dropped)} left out, first: {dropped[0]})"
                                                           if dropped else ""))
@@ -254,7 +231,7 @@ class PairStore:
 # ----------------------------------------------------------------------------- patches
 
 class PatchDataset(Dataset):
-    """Sample ``n`` of a run -> (LR patch, HR patch), uint8 CHW tensors.
+    """Sample ``n`` of a run -> (LR patch, HR patch), uint8 CHW numpy arrays (batched by ``collate_patches``).
 
     Image of sample ``n``: epoch ``e = n // L`` (``L = len(store) * repeat``)
     uses the permutation of ``range(L)`` seeded by ``(seed, e)``; the patch
@@ -301,15 +278,14 @@ class PatchDataset(Dataset):
         hflip, vflip, transpose = (rng.random(3) < 0.5).tolist()  # always three draws
         lr_p = lr[y:y + p, x:x + p]
         hr_p = hr[y * s:(y + p) * s, x * s:(x + p) * s]
-        lr_t = torch.from_numpy(np.ascontiguousarray(lr_p)).permute(2, 0, 1)
-        hr_t = torch.from_numpy(np.ascontiguousarray(hr_p)).permute(2, 0, 1)
+        # numpy views, one copy at the end (torch ops on these sizes would start thread pools)
         if self.flip and hflip:
-            lr_t, hr_t = lr_t.flip(-1), hr_t.flip(-1)
+            lr_p, hr_p = lr_p[:, ::-1], hr_p[:, ::-1]
         if self.flip and vflip:
-            lr_t, hr_t = lr_t.flip(-2), hr_t.flip(-2)
+            lr_p, hr_p = lr_p[::-1], hr_p[::-1]
         if self.rot90 and transpose:  # with the flips this gives all 8 dihedral transforms
-            lr_t, hr_t = lr_t.transpose(-1, -2), hr_t.transpose(-1, -2)
-        return lr_t.contiguous(), hr_t.contiguous()
+            lr_p, hr_p = lr_p.transpose(1, 0, 2), hr_p.transpose(1, 0, 2)
+        return np.ascontiguousarray(lr_p.transpose(2, 0, 1)), np.ascontiguousarray(hr_p.transpose(2, 0, 1))
 
 
 class IterationBatchSampler(Sampler):
@@ -335,6 +311,15 @@ class IterationBatchSampler(Sampler):
         return max(0, self.end - self.start)
 
 
+def collate_patches(batch):
+    """Stack (LR, HR) uint8 arrays into two NCHW uint8 tensors.
+
+    Stacked with numpy, single-threaded: torch's stack of a few MB starts its
+    thread pool, which costs far more than the copy on a busy machine."""
+    return (torch.from_numpy(np.stack([b[0] for b in batch])),
+            torch.from_numpy(np.stack([b[1] for b in batch])))
+
+
 def _worker_init(_):
     import signal
     torch.set_num_threads(1)
@@ -348,33 +333,35 @@ def build_train_loader(dataset: PatchDataset, global_batch: int, start: int, end
     kw = {}
     if num_workers > 0:
         kw = dict(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, **kw)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_patches, **kw)
 
 
 # ----------------------------------------------------------------------------- validation sets
 
 def load_benchmark(folder, scale: int, max_images: int = 0) -> List[Tuple[str, np.ndarray, np.ndarray]]:
-    """(name, LR, HR) of a benchmark set: ``<folder>/HR`` + ``<folder>/LR_bicubic/X<s>``.
-
-    A folder without ``HR/`` is read as HR images. Missing LR files are made
-    with MATLAB bicubic. HR is cropped to ``scale`` x the LR size.
-    """
+    """(name, LR, HR) uint8 arrays of a benchmark set: ``<folder>/HR`` + ``<folder>/LR_bicubic/X<s>``
+    (read with :class:`distillsr.data.BenchmarkSet`: missing LR made with MATLAB bicubic, HR cropped
+    to ``scale`` x the LR size, greyscale images kept with one channel). A folder without ``HR/``
+    is read as a folder of HR images."""
     folder = Path(folder)
-    hr_dir = folder / "HR" if (folder / "HR").is_dir() else folder
-    lr_dir = folder / "LR_bicubic" / f"X{scale}"
     out = []
-    for p in list_images(hr_dir):
-        hr = read_image(p)
-        lr_path = _find_lr(lr_dir, p, scale) if lr_dir.is_dir() else None
-        lr = read_image(lr_path) if lr_path is not None else downscale(hr, scale)
-        lh, lw = lr.shape[:2]
-        if hr.shape[0] < lh * scale or hr.shape[1] < lw * scale:
-            raise DataError(f"{lr_path}: LR {lw}x{lh} does not fit HR {p} at x{scale}")
-        out.append((p.stem, lr, np.ascontiguousarray(hr[:lh * scale, :lw * scale])))
-        if max_images and len(out) >= max_images:
-            break
+    try:
+        if (folder / "HR").is_dir():
+            bset = BenchmarkSet(folder.parent, folder.name, scale)
+            n = len(bset) if not max_images else min(max_images, len(bset))
+            for i in range(n):
+                item = bset.load(i)
+                out.append((item.name, item.lr, item.hr))
+        else:
+            for p in list_images(folder)[:max_images or None]:
+                hr = _read_image(p)
+                lr = make_lr(hr, scale)
+                out.append((p.stem, lr, np.ascontiguousarray(hr[:lr.shape[0] * scale, :lr.shape[1] * scale])))
+    except (ImageError, FileNotFoundError) as e:
+        raise DataError(f"validation set: {e}") from e
     if not out:
-        raise DataError(f"{hr_dir}: no images")
+        raise DataError(f"{folder}: no images")
     return out
 
 
@@ -403,13 +390,13 @@ def extract_subimages(hr_dir, out_dir, size: int = 480, step: int = 240, lr_dir=
     out_dir = Path(out_dir)
     count = 0
     for p in list_images(hr_dir, recursive):
-        hr = read_image(p)
+        hr = read_rgb(p)
         lr = None
         if lr_dir is not None:
             lr_path = _find_lr(Path(lr_dir), p, scale)
             if lr_path is None:
                 raise DataError(f"{p}: no LR image for it in {lr_dir}")
-            lr = read_image(lr_path)
+            lr = read_rgb(lr_path)
             hr = hr[:lr.shape[0] * scale, :lr.shape[1] * scale]
         k = 0
         for y in _starts(hr.shape[0], size, step):
@@ -417,10 +404,10 @@ def extract_subimages(hr_dir, out_dir, size: int = 480, step: int = 240, lr_dir=
                 if lr is not None:
                     y, x = y - y % scale, x - x % scale
                 name = f"{p.stem}_s{k:03d}.png"
-                write_image(out_dir / "HR" / name, hr[y:y + size, x:x + size])
+                write_png(out_dir / "HR" / name, hr[y:y + size, x:x + size])
                 if lr is not None:
                     ls = size // scale
-                    write_image(out_dir / "LR" / name, lr[y // scale:y // scale + ls, x // scale:x // scale + ls])
+                    write_png(out_dir / "LR" / name, lr[y // scale:y // scale + ls, x // scale:x // scale + ls])
                 k += 1
         count += k
     log(f"wrote {count} tiles to {out_dir}")

@@ -24,7 +24,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -309,8 +308,12 @@ class Trainer:
                     if not p.is_file():
                         raise TrainError(f"--resume {p}: no such file or folder")
                     if p.suffix == ".safetensors":
+                        weights = p
                         p = p.with_name(p.name.replace("_ema.safetensors", ".safetensors")
                                         .replace(".safetensors", ".state.pt"))
+                        if not p.is_file():
+                            raise TrainError(f"--resume {weights}: no training state {p.name} next to it "
+                                             f"(only checkpoints/iter_*.safetensors have one)")
                     try:
                         state = st.read_state(p)
                     except st.StateError as e:
@@ -498,6 +501,7 @@ class Trainer:
         self.net.train()
         old_handlers = self._install_signals()
         win_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
         win_n = 0
         t0 = t_win = time.time()
         it_win0 = self.start_iter
@@ -513,8 +517,7 @@ class Trainer:
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = self.net(x)
                 loss = loss_fn(out.float(), y)
-                if not torch.isfinite(loss):
-                    raise TrainError(f"loss is {loss.item()} at iteration {it}; last checkpoint in {self.ckpt_dir}")
+                bad |= ~torch.isfinite(loss.detach())  # checked when logging / checkpointing (no sync here)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if cfg.optim.grad_clip > 0:
@@ -531,6 +534,11 @@ class Trainer:
                     bar.update(1)
 
                 row = None
+                at_ckpt = done % cfg.train.ckpt_every == 0 or done == total or self._stop_requested
+                if (at_ckpt or done % cfg.train.log_every == 0) and bool(bad):
+                    raise TrainError(f"the loss became NaN or infinite between iterations {last_ckpt} and {done}; "
+                                     f"the last checkpoint ({last_ckpt}) in {self.ckpt_dir} is from before it: "
+                                     f"resume from it with a lower optim.lr or with optim.grad_clip")
                 if done % cfg.train.log_every == 0 or done == total:
                     mean = win_loss.clone()
                     if self.dist.enabled:

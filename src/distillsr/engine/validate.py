@@ -15,26 +15,29 @@ def to_uint8(y: torch.Tensor) -> np.ndarray:
 
 
 def _scores(sr: np.ndarray, hr: np.ndarray, scale: int, ssim_variant: str) -> Tuple[float, float]:
-    from .. import metrics
-    return (float(metrics.psnr(sr, hr, crop=scale)),
-            float(metrics.ssim(sr, hr, crop=scale, variant=ssim_variant)))
+    from ..metrics import psnr_ssim  # Y channel, crop = scale; greyscale HR: the 'replicate' convention
+    p, s = psnr_ssim(sr, hr, crop=scale, ssim_variant=ssim_variant)
+    return float(p), float(s)
 
 
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[Tuple[str, np.ndarray, np.ndarray]], scale: int,
                    device: torch.device, ssim_variant: str = "matlab",
                    channels_last: bool = False) -> Tuple[float, float, List[Tuple[str, float, float]]]:
-    """Whole-image inference on every (name, LR, HR) pair; mean PSNR, mean SSIM and per-image scores."""
+    """Whole-image inference on every (name, LR, HR) uint8 pair; mean PSNR, mean SSIM (Y channel,
+    ``scale`` border pixels cut, via :func:`distillsr.metrics.psnr_ssim`) and per-image scores."""
     was_training = model.training
     model.eval()
     rows = []
     try:
         for name, lr, hr in pairs:
-            x = torch.from_numpy(lr).permute(2, 0, 1)[None].to(device).float().div_(255)
+            if lr.ndim == 2 or lr.shape[2] == 1:  # greyscale test image: replicated to RGB
+                lr = np.repeat(lr.reshape(lr.shape[0], lr.shape[1], 1), 3, axis=2)
+            x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].to(device).float().div_(255)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sr = to_uint8(model(x).float())
-            if sr.shape != hr.shape:
+            if sr.shape[:2] != hr.shape[:2]:
                 raise RuntimeError(f"validation image {name}: output {sr.shape} does not match HR {hr.shape}")
             p, s = _scores(sr, hr, scale, ssim_variant)
             rows.append((name, p, s))

@@ -1,0 +1,81 @@
+"""``distillsr upscale``: upscale image files, folders and globs (see engine.upscale)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tile(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile takes 'auto' or a number of LR pixels, not {value!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError("--tile must be >= 0 (0 = whole image)")
+    return n
+
+
+def register(sub) -> None:
+    from ..engine.upscale import BACKENDS, DEFAULT_BLEND, DEFAULT_OVERLAP
+    from ..io import DEFAULT_MAX_PIXELS
+    from ..pretrained import DEFAULT_MODEL
+    p = sub.add_parser("upscale", help="upscale images (files, folders, globs)",
+                       description="Upscale images with a pretrained model or a checkpoint. Outputs keep "
+                       "the input's relative path, bit depth, alpha and ICC profile; each is written "
+                       "atomically. Exit status 1 when any input failed.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), default=None,
+                   help="upscaling factor (default 4; with --weights, the checkpoint's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"pretrained weights by name (default {DEFAULT_MODEL}; see `distillsr models`)")
+    g.add_argument("--weights", default=None, metavar="PATH", help="a checkpoint file instead")
+    p.add_argument("--backend", default="torch", choices=sorted(BACKENDS), help="inference backend")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--tile", type=_tile, default="auto", metavar="auto|N",
+                   help="tile size in LR pixels; auto picks it from free memory and uses the whole "
+                   "image when it fits; 0 = always the whole image")
+    p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, metavar="N",
+                   help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
+    p.add_argument("--blend", default=DEFAULT_BLEND, choices=("mean", "feather"),
+                   help="how overlapping tiles are combined")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average the 8 flips/rotations (8x slower, slightly better)")
+    p.add_argument("--format", choices=("png", "jpg", "webp", "tiff"), default=None,
+                   help="output format (default: the input's, PNG for other inputs)")
+    p.add_argument("--suffix", default="", help="added to output names, e.g. _x4")
+    p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG / WebP quality 1-100 (default 95)")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--recursive", action="store_true", help="look into sub-folders (and ** in globs)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoint import CheckpointError
+    from ..engine.upscale import Upscaler, load_runner, select_device, upscale_files
+    from ..pretrained import PretrainedError
+    if not 1 <= args.quality <= 100:
+        print(f"error: --quality must be in 1..100, got {args.quality}", file=sys.stderr)
+        return 2
+    try:
+        device = select_device(args.device)
+        scale = args.scale if args.scale is not None or args.weights else 4
+        runner = load_runner(args.model, scale, weights=args.weights, device=device, backend=args.backend)
+        upscaler = Upscaler(runner, device, tile=args.tile, tile_overlap=args.tile_overlap,
+                            blend=args.blend, self_ensemble=args.self_ensemble)
+    except (CheckpointError, PretrainedError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = upscale_files(args.inputs, args.output, upscaler, format=args.format, suffix=args.suffix,
+                           overwrite=args.overwrite, recursive=args.recursive, quality=args.quality,
+                           max_pixels=args.max_pixels or None,
+                           progress=False if args.no_progress else None)
+    print(f"{'done' if report.ok else 'FAILED'}: {report.summary()}"
+          f" (x{upscaler.scale}, {getattr(runner, 'arch_name', type(runner).__name__)}, {device})")
+    return 0 if report.ok else 1

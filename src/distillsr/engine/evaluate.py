@@ -1,0 +1,269 @@
+"""Benchmark evaluation with the papers' protocol (``distillsr eval`` in Python).
+
+``evaluate(model, scale, data_root, datasets)`` upscales every LR image of each
+set, quantises the output to uint8, and scores it against the HR on Y with
+PSNR / SSIM (``distillsr.metrics``). It returns the dict that ``--json`` writes::
+
+    {"model": str, "weights": str|None, "scale": int, "ssim_variant": str,
+     "grey": str, "tile": int|None, "self_ensemble": bool,
+     "results": [{"dataset": str, "psnr": float, "ssim": float, "num_images": int,
+                  "seconds": float, "images": [{"name": str, "psnr": float,
+                                                "ssim": float}]}]}
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..data.benchmark import BenchmarkSet, ImageError, find_sets, write_png
+from ..data.imresize import imresize
+from ..metrics import GREY_CONVENTIONS, SSIM_VARIANTS, mean_scores, psnr_ssim
+from .infer import make_forward
+
+__all__ = ["EvalError", "EvalModel", "BICUBIC", "load_eval_model", "make_upscaler", "evaluate",
+           "format_table", "write_json"]
+
+BICUBIC = "bicubic"
+PathLike = Union[str, os.PathLike]
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot go on (bad image, missing data, unusable model)."""
+
+
+@dataclass
+class EvalModel:
+    """What is evaluated: ``module`` is None for the bicubic baseline."""
+    name: str
+    weights: Optional[str]
+    module: Optional[torch.nn.Module]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pretrained_module():
+    """``distillsr.pretrained`` (the table of shipped weights), or None in a build without it."""
+    try:
+        from .. import pretrained
+    except ModuleNotFoundError as e:
+        if e.name != "distillsr.pretrained":
+            raise
+        return None
+    return pretrained
+
+
+def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = None, *,
+                    scale: int, device: str = "cpu") -> EvalModel:
+    """Resolve ``--model`` / ``--weights`` into what :func:`evaluate` runs.
+
+    * ``weights``: any checkpoint ``distillsr.load_model`` reads (``name``, if
+      given, must match its architecture);
+    * ``name="bicubic"``: the classic bicubic baseline (MATLAB imresize of the LR);
+    * another name: shipped weights of that name and scale (``distillsr.pretrained``);
+      a registered architecture without shipped weights is an error.
+    """
+    if weights is not None:
+        if name is not None and name.lower() == BICUBIC:
+            raise EvalError("the bicubic baseline takes no weights")
+        from ..checkpoint import CheckpointError, load_model
+        try:
+            module = load_model(weights, device)
+        except CheckpointError as e:
+            raise EvalError(str(e)) from e
+        arch = getattr(module, "arch_name", type(module).__name__)
+        if getattr(module, "scale", scale) != scale:
+            raise EvalError(f"{weights}: the checkpoint is a x{module.scale} model, not x{scale}")
+        if name is not None and name.lower() != arch:
+            raise EvalError(f"{weights}: the checkpoint holds {arch!r}, not {name!r}")
+        return EvalModel(name.lower() if name else arch, str(weights), module)
+    if name is None:
+        raise EvalError("nothing to evaluate: give --model NAME or --weights PATH")
+    key = name.lower()
+    if key == BICUBIC:
+        return EvalModel(BICUBIC, None, None)
+    pretrained = _pretrained_module()
+    if pretrained is not None:
+        try:
+            entry = pretrained.get_pretrained(key, scale)
+        except LookupError:
+            entry = None
+        if entry is not None:
+            try:
+                module = pretrained.load_pretrained(key, scale, device=device)
+            except (LookupError, ValueError, OSError) as e:
+                raise EvalError(str(e)) from e
+            return EvalModel(key, str(entry.file), module)
+    from ..registry import model_info
+    try:
+        info = model_info(key)
+    except KeyError as e:
+        raise EvalError(f"{e.args[0]} (or 'bicubic' for the baseline)") from None
+    if scale not in info.scales:
+        raise EvalError(f"model {info.name!r} supports scales {list(info.scales)}, not x{scale}")
+    raise EvalError(f"no weights ship for model {info.name!r} x{scale}; evaluate a checkpoint "
+                    f"with --weights PATH")
+
+
+def _quantise(y: torch.Tensor) -> np.ndarray:
+    """N=1 C x H x W float in [0, 1] -> uint8 H x W x C (clip, x255, round half up)."""
+    y = torch.floor(y[0].float().clamp(0, 1) * 255 + 0.5)
+    return y.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def make_upscaler(model: EvalModel, scale: int, *, tile: Optional[int] = None, tile_overlap: int = 24,
+                  self_ensemble: bool = False, chop: bool = False,
+                  device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """``lr_uint8 (h x w x C) -> sr_uint8 (h*s x w*s x C')`` for one model and strategy.
+
+    Greyscale LR images are fed to networks as three equal channels; the
+    bicubic baseline resizes the LR as it is (grey stays grey).
+    """
+    if model.module is None:
+        if tile is not None or self_ensemble or chop:
+            raise EvalError("tiling, chop and self-ensemble apply to networks, not to the bicubic baseline")
+        return lambda lr: imresize(lr, scale)
+    module = model.module.to(device).eval()
+    param = next(module.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    try:
+        forward = make_forward(module, scale, tile=tile, overlap=tile_overlap, chop=chop,
+                               ensemble=self_ensemble)
+    except (RuntimeError, ValueError) as e:  # bad tile settings, chop not available
+        raise EvalError(str(e)) from e
+
+    def upscale(lr: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None]
+        x = x.to(device=device, dtype=dtype) / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        y = forward(x)
+        want = (lr.shape[0] * scale, lr.shape[1] * scale)
+        if y.ndim != 4 or tuple(y.shape[-2:]) != want:
+            raise EvalError(f"the model returned {tuple(y.shape)} for an LR of {lr.shape[1]}x{lr.shape[0]}; "
+                            f"expected {want[1]}x{want[0]} at x{scale}")
+        return _quantise(y)
+    return upscale
+
+
+def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_root: PathLike,
+             datasets: Optional[Sequence[str]] = None, *, tile: Optional[int] = None,
+             tile_overlap: int = 24, self_ensemble: bool = False, chop: bool = False,
+             ssim_variant: str = "wang", grey: str = "replicate",
+             save_images: Optional[PathLike] = None, device: Optional[str] = None,
+             skip_bad: bool = False, progress: bool = True, weights: Optional[str] = None,
+             log: Optional[Callable[[str], None]] = None,
+             skipped: Optional[List[Tuple[str, str]]] = None) -> dict:
+    """Score a model on benchmark sets; returns the JSON-shaped dict (module docstring).
+
+    ``model``: ``"bicubic"``, a registered name (shipped weights), an
+    :class:`EvalModel` or an ``nn.Module`` (its ``arch_name`` names it; pass
+    ``weights`` to record where it came from). ``datasets``: set folders under
+    ``data_root`` (default: all there). A bad image raises :class:`EvalError`
+    naming the file, unless ``skip_bad``: then it is reported through ``log``,
+    appended to ``skipped`` as ``(dataset, message)`` and left out of the means.
+    """
+    if ssim_variant not in SSIM_VARIANTS:
+        raise ValueError(f"unknown SSIM variant {ssim_variant!r}; choose one of {', '.join(SSIM_VARIANTS)}")
+    if grey not in GREY_CONVENTIONS:
+        raise ValueError(f"unknown grey convention {grey!r}; choose one of {', '.join(GREY_CONVENTIONS)}")
+    scale = int(scale)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    device = device or default_device()
+    if isinstance(model, str):
+        model = load_eval_model(model, scale=scale, device=device)
+    elif isinstance(model, torch.nn.Module):
+        model = EvalModel(getattr(model, "arch_name", type(model).__name__), weights, model)
+    if model.module is not None and getattr(model.module, "scale", scale) != scale:
+        raise EvalError(f"model {model.name!r} is x{model.module.scale}, not x{scale}")
+    upscale = make_upscaler(model, scale, tile=tile, tile_overlap=tile_overlap,
+                            self_ensemble=self_ensemble, chop=chop, device=device)
+    root = Path(data_root)
+    try:
+        names = list(datasets) if datasets else find_sets(root)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    if not names:
+        raise EvalError(f"{root}: no benchmark sets (folders with an HR folder) found")
+    try:
+        sets = [BenchmarkSet(root, n, scale) for n in names]
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+
+    results = []
+    for ds in sets:
+        missing = ds.missing_lr()
+        if missing:
+            what = "the folder is missing" if not ds.lr_dir.is_dir() else f"{len(missing)} of {len(ds)} files missing"
+            log(f"{ds.name}: {ds.lr_dir}: {what}; LR made from HR with MATLAB bicubic")
+        images = []
+        t0 = time.perf_counter()
+        bar = range(len(ds))
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(bar, desc=f"{ds.name} x{scale}", unit="img", file=sys.stderr, leave=False)
+        for i in bar:
+            try:
+                item = ds.load(i)
+            except ImageError as e:
+                if not skip_bad:
+                    raise EvalError(f"{e} (--skip-bad scores the other images)") from e
+                log(f"skipped: {e}")
+                if skipped is not None:
+                    skipped.append((ds.name, str(e)))
+                continue
+            sr = upscale(item.lr)
+            if save_images is not None:
+                write_png(Path(save_images) / ds.name / f"X{scale}" / f"{item.name}.png", sr)
+            p, s = psnr_ssim(sr, item.hr, scale, ssim_variant=ssim_variant, grey=grey)
+            images.append({"name": item.name, "psnr": p, "ssim": s})
+        seconds = time.perf_counter() - t0
+        mean = mean_scores((im["psnr"], im["ssim"]) for im in images)
+        results.append({"dataset": ds.name, "psnr": mean["psnr"], "ssim": mean["ssim"],
+                        "num_images": len(images), "seconds": seconds, "images": images})
+    return {"model": model.name, "weights": model.weights, "scale": scale,
+            "ssim_variant": ssim_variant, "grey": grey, "tile": tile,
+            "self_ensemble": bool(self_ensemble), "results": results}
+
+
+def format_table(result: dict, chop: bool = False) -> str:
+    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers). ``chop``:
+    say that chop inference was used (the JSON-shaped result does not record it)."""
+    how = f"tiles {result['tile']}" if result["tile"] else ("chop" if chop else "whole image")
+    if result["self_ensemble"]:
+        how += " + x8 self-ensemble"
+    lines = [f"model {result['model']}" + (f" ({result['weights']})" if result["weights"] else "")
+             + f", x{result['scale']}, {how}; Y channel, SSIM '{result['ssim_variant']}', "
+               f"grey '{result['grey']}', border {result['scale']}",
+             f"{'dataset':<12} {'scale':>5} {'PSNR':>7} {'SSIM':>7} {'images':>6} {'seconds':>8}"]
+    for r in result["results"]:
+        lines.append(f"{r['dataset']:<12} {'x' + str(result['scale']):>5} {r['psnr']:>7.2f} "
+                     f"{r['ssim']:>7.4f} {r['num_images']:>6d} {r['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: PathLike) -> Path:
+    """Write the result dict as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

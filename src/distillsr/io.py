@@ -1,0 +1,518 @@
+"""Reading and writing images as users have them.
+
+``read_image(path)`` returns ``(array, info)``: a float32 ``H x W x C`` array in [0, 1]
+(C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) with the EXIF orientation applied, and an
+:class:`ImageInfo` with what is needed to write the result back the same way (bit depth,
+alpha, ICC profile, EXIF). ``write_image(path, array, ...)`` writes PNG, JPEG, WebP or TIFF
+atomically: into a temporary file beside the target, renamed over it only when complete.
+
+What is supported:
+
+* 8-bit: every mode Pillow reads. Palette images become RGB, or RGBA when the palette has
+  transparency; 1-bit images become 8-bit grey; CMYK / YCbCr / LAB become RGB (their ICC
+  profile is then dropped, as it describes the old colour space).
+* 16-bit greyscale PNG and TIFF (Pillow mode ``I;16``) stay 16-bit.
+* 16-bit RGB, RGBA and grey + alpha PNG and TIFF stay 16-bit. Pillow cannot hold these (it
+  reduces them to 8 bits), so they are read with ``pypng`` (PNG) and ``tifffile`` (TIFF),
+  the ``images16`` extra (``pip install "distillsr[images16]"``); without it such a file
+  gives an error naming the extra rather than a silently reduced image. 16-bit PNGs are
+  written by a small PNG encoder here, 16-bit colour TIFFs by ``tifffile``.
+* JPEG and WebP hold 8 bits only: 16-bit data are rounded to 8 bits when written to them.
+  JPEG cannot hold alpha: writing an image with alpha to JPEG is an error.
+* EXIF (other than the orientation, which is applied) is carried from JPEG, PNG and WebP
+  into JPEG, PNG and WebP outputs; not from or into TIFF.
+* Multi-frame files (GIF, APNG, multi-page TIFF): the first frame only.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
+           "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
+           "INPUT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
+
+PathLike = Union[str, os.PathLike]
+
+# output format name -> (Pillow format, file extension)
+FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "jpeg": ("JPEG", ".jpg"),
+           "webp": ("WEBP", ".webp"), "tiff": ("TIFF", ".tif"), "tif": ("TIFF", ".tif")}
+INPUT_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
+# inputs above this many pixels are refused unless the caller raises the limit (0 = no limit)
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_ORIENTATION_TAG = 0x0112
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MODES_DROPPING_ICC = {"CMYK", "LAB", "YCbCr", "HSV"}
+
+
+class ImageReadError(ValueError):
+    """An input that cannot be read (names the file and the problem)."""
+
+
+class ImageWriteError(ValueError):
+    """An image that cannot be written in the requested format."""
+
+
+@dataclass
+class ImageInfo:
+    """How an image was stored: enough to write a result back the same way."""
+    width: int
+    height: int
+    channels: int                  # 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA
+    bit_depth: int = 8             # 8 or 16
+    source_mode: str = ""          # Pillow mode (or e.g. "RGB;16") of the file
+    format: Optional[str] = None   # Pillow format name of the file, e.g. "PNG"
+    icc_profile: Optional[bytes] = None
+    exif: Optional[bytes] = None   # without the orientation tag (already applied)
+    orientation: int = 1           # the EXIF orientation that was applied
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.channels in (2, 4)
+
+    @property
+    def colour_channels(self) -> int:
+        return self.channels - int(self.has_alpha)
+
+    @property
+    def dtype(self):
+        return np.uint16 if self.bit_depth == 16 else np.uint8
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def to_float(arr: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 array -> float32 in [0, 1]; float arrays are returned as float32."""
+    if arr.dtype in (np.uint8, np.uint16):
+        out = arr.astype(np.float32)
+        out /= np.float32(255 if arr.dtype == np.uint8 else 65535)
+        return out
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32, copy=False)
+    raise TypeError(f"unsupported array dtype {arr.dtype} (use uint8, uint16 or float)")
+
+
+def from_float(arr, dtype, inplace: bool = False) -> np.ndarray:
+    """Float array (numpy or torch) in about [0, 1] -> clipped, rounded ``dtype`` array.
+
+    ``inplace`` lets a torch tensor be overwritten on the way (saves two copies of it).
+    """
+    dtype = np.dtype(dtype)
+    if hasattr(arr, "detach"):  # a torch tensor: clip and round on its device
+        t = arr.detach() if inplace else arr.detach().clone()
+        t = t.clamp_(0, 1)
+        if not np.issubdtype(dtype, np.floating):
+            t = t.mul_({np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]).round_()
+        torch_dtype = {np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "int32"}.get(dtype)
+        if torch_dtype is not None:  # convert on the device: the host copy is small
+            t = t.to(getattr(__import__("torch"), torch_dtype))
+        return t.to("cpu").numpy().astype(dtype, copy=False)
+    if np.issubdtype(dtype, np.floating):
+        return np.clip(np.asarray(arr, dtype=dtype), 0, 1)
+    peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]
+    return np.rint(np.clip(arr, 0, 1) * peak).astype(dtype)
+
+
+def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate / flip an H x W x C array as EXIF orientation ``orientation`` says (1..8)."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    if orientation == 5:
+        return arr.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(arr, -1)
+    if orientation == 7:
+        return arr.transpose(1, 0, 2)[::-1, ::-1]
+    if orientation == 8:
+        return np.rot90(arr, 1)
+    return arr
+
+
+def _exif_without_orientation(im: Image.Image) -> Tuple[Optional[bytes], int]:
+    try:
+        exif = im.getexif()
+    except Exception:  # malformed EXIF must not make the image unreadable
+        return None, 1
+    orientation = exif.get(_ORIENTATION_TAG, 1)
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1
+    if _ORIENTATION_TAG in exif:
+        del exif[_ORIENTATION_TAG]
+    try:
+        data = exif.tobytes() if len(exif) else None
+    except Exception:
+        data = None
+    return data, orientation
+
+
+def pil_to_array(im: Image.Image) -> Tuple[np.ndarray, ImageInfo]:
+    """A Pillow image -> (uint8 or uint16 H x W x C array, info); orientation not applied."""
+    mode = im.mode
+    icc = im.info.get("icc_profile") or None
+    if mode == "1":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode == "La":
+        im = im.convert("LA")
+    elif mode == "RGBX":
+        im = im.convert("RGB")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    elif mode in _MODES_DROPPING_ICC:
+        im = im.convert("RGB")
+        icc = None
+    if im.mode in ("L", "LA", "RGB", "RGBA"):
+        arr = np.asarray(im, dtype=np.uint8)
+        depth = 8
+    elif im.mode.startswith("I;16"):
+        arr = np.asarray(im).astype(np.uint16)
+        depth = 16
+    elif im.mode == "I":
+        arr = np.asarray(im)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageReadError(f"32-bit integer image with values outside 0..65535 (mode {mode}) "
+                                 "is not supported")
+        arr = arr.astype(np.uint16)
+        depth = 16
+    else:
+        raise ImageReadError(f"unsupported image mode {mode!r}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    h, w, c = arr.shape
+    return arr, ImageInfo(w, h, c, depth, mode, im.format, icc)
+
+
+def array_to_pil(arr: np.ndarray) -> Image.Image:
+    """uint8 H x W x C (C = 1..4) or uint16 H x W x 1 array -> Pillow image."""
+    c = arr.shape[2]
+    if arr.dtype == np.uint16:
+        if c != 1:
+            raise ImageWriteError("Pillow cannot hold 16-bit images with more than one channel")
+        return Image.fromarray(np.ascontiguousarray(arr[:, :, 0]), mode=None)
+    if arr.dtype != np.uint8:
+        raise ImageWriteError(f"cannot make an image from a {arr.dtype} array")
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if c == 1 else arr))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _png_header(path: Path) -> Optional[Tuple[int, int]]:
+    """(bit depth, colour type) from a PNG's IHDR, or None when not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _needs_optional(module: str, what: str, path: Path):
+    try:
+        return __import__(module)
+    except ModuleNotFoundError:
+        raise ImageReadError(f"{path}: {what} needs the '{module}' package, which is not installed "
+                             "(pip install \"distillsr[images16]\")") from None
+
+
+def _check_pixels(path: Path, w: int, h: int, max_pixels: Optional[int]) -> None:
+    if max_pixels and w * h > max_pixels:
+        raise ImageReadError(f"{path}: {w}x{h} = {w * h:,} pixels is more than the limit of "
+                             f"{max_pixels:,} (a decompression bomb?); raise the limit "
+                             "(--max-pixels / max_pixels=) if you trust this file")
+
+
+def _read_png16(path: Path, im: Image.Image) -> Tuple[np.ndarray, ImageInfo]:
+    png = _needs_optional("png", "a 16-bit colour or grey+alpha PNG", path)
+    try:
+        w, h, rows, meta = png.Reader(filename=str(path)).asDirect()
+        planes = meta["planes"]
+        arr = np.empty((h, w, planes), np.uint16)
+        for y, row in enumerate(rows):
+            arr[y] = np.asarray(row, dtype=np.uint16).reshape(w, planes)
+    except Exception as e:  # pypng's own errors, zlib errors, short reads
+        raise ImageReadError(f"{path}: truncated or corrupt PNG ({type(e).__name__}: {e})") from e
+    if meta["bitdepth"] != 16:  # pypng rescales sBIT-reduced data; keep 16-bit semantics
+        arr = (arr.astype(np.uint32) * 65535 // ((1 << meta["bitdepth"]) - 1)).astype(np.uint16)
+    mode = {1: "I;16", 2: "LA;16", 3: "RGB;16", 4: "RGBA;16"}[planes]
+    return arr, ImageInfo(w, h, planes, 16, mode, "PNG", im.info.get("icc_profile") or None)
+
+
+def _read_tiff16(path: Path) -> Tuple[np.ndarray, ImageInfo, int]:
+    tifffile = _needs_optional("tifffile", "a 16-bit colour or grey+alpha TIFF", path)
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            page = tf.pages[0]
+            arr = page.asarray()
+            axes = page.axes
+            tags = page.tags
+            icc = tags["InterColorProfile"].value if "InterColorProfile" in tags else None
+            orientation = int(tags["Orientation"].value) if "Orientation" in tags else 1
+            photometric = int(page.photometric)
+    except Exception as e:  # tifffile raises many kinds
+        raise ImageReadError(f"{path}: cannot read TIFF ({e})") from e
+    if axes.startswith("S"):  # planar configuration "separate"
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or photometric not in (1, 2):
+        raise ImageReadError(f"{path}: unsupported TIFF layout (axes {axes}, shape {arr.shape}, "
+                             f"photometric {photometric})")
+    if arr.dtype == np.uint8:
+        depth = 8
+    elif arr.dtype == np.uint16:
+        depth = 16
+    else:
+        raise ImageReadError(f"{path}: unsupported TIFF sample type {arr.dtype} (8 or 16 bit unsigned only)")
+    h, w, c = arr.shape
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c] + (";16" if depth == 16 else "")
+    return arr, ImageInfo(w, h, c, depth, mode, "TIFF", bytes(icc) if icc else None), orientation
+
+
+def _tiff_is_deep_colour(im: Image.Image) -> bool:
+    """True for a TIFF that Pillow would reduce from 16 to 8 bits."""
+    bits = getattr(im, "tag_v2", {}).get(258)
+    if bits is None:
+        return False
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return any(b > 8 for b in bits) and not im.mode.startswith("I")
+
+
+def read_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+               ) -> Tuple[np.ndarray, ImageInfo]:
+    """Read an image file -> (float32 H x W x C array in [0, 1], :class:`ImageInfo`).
+
+    The EXIF orientation is applied. ``max_pixels`` (None or 0: no limit) guards against
+    decompression bombs. Raises :class:`ImageReadError` naming the file and the problem.
+    """
+    arr, info = read_image_native(path, max_pixels)
+    return to_float(arr), info
+
+
+def read_image_native(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+                      ) -> Tuple[np.ndarray, ImageInfo]:
+    """Like :func:`read_image` but the array keeps its stored dtype (uint8 or uint16)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a clearer message
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _read(path, max_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
+
+
+def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]:
+    try:
+        im = Image.open(path)
+    except Exception as e:
+        if _is_tiff(path):  # e.g. a 16-bit RGB TIFF layout Pillow does not know
+            arr, info, orientation = _read_tiff16(path)
+            _check_pixels(path, info.width, info.height, max_pixels)
+            return _oriented(arr, info, orientation)
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    with im:
+        _check_pixels(path, im.width, im.height, max_pixels)
+        png = _png_header(path)
+        if png is not None and png[0] == 16 and png[1] in (2, 4, 6):
+            arr, info = _read_png16(path, im)
+            exif, orientation = _exif_without_orientation(im)
+            info.exif = exif
+            return _oriented(arr, info, orientation)
+        if im.format == "TIFF" and _tiff_is_deep_colour(im):
+            arr, info, orientation = _read_tiff16(path)
+            return _oriented(arr, info, orientation)
+        try:
+            im.load()
+        except Exception as e:  # truncated data, bad compression stream ...
+            raise ImageReadError(f"{path}: truncated or corrupt {im.format or 'image'} file ({e})") from e
+        exif, orientation = _exif_without_orientation(im)
+        if im.format == "TIFF":  # its "EXIF" is the TIFF's own tags (sizes, strips): not carried
+            exif = None
+        fmt = im.format
+        arr, info = pil_to_array(im)
+    info.format, info.exif = fmt, exif
+    return _oriented(arr, info, orientation)
+
+
+def _oriented(arr: np.ndarray, info: ImageInfo, orientation: int) -> Tuple[np.ndarray, ImageInfo]:
+    arr = _apply_orientation(arr, orientation)
+    h, w = arr.shape[:2]
+    return np.ascontiguousarray(arr), replace(info, width=w, height=h, orientation=orientation)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def format_for_path(path: PathLike) -> str:
+    """Pillow format name from a file name's extension (png, jpg/jpeg, webp, tif/tiff)."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in FORMATS:
+        raise ImageWriteError(f"{path}: unknown output format {ext!r}; use one of png, jpg, webp, tiff")
+    return FORMATS[ext][0]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write_fn) -> Path:
+    """Call ``write_fn(tmp_path)`` and rename the result onto ``path`` only if it succeeds.
+
+    The temporary file lives beside ``path`` (same file system, so the rename is atomic) and
+    is removed on any error or interruption: no half-written output is ever left behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_image(path: PathLike, image: np.ndarray, *, bit_depth: Optional[int] = None,
+                format: Optional[str] = None, quality: int = 95, icc_profile: Optional[bytes] = None,
+                exif: Optional[bytes] = None) -> Path:
+    """Write an H x W x C array (C = 1..4; 2 and 4 carry alpha) atomically.
+
+    ``image`` is uint8, uint16, or float in [0, 1] (then ``bit_depth`` 8 or 16 chooses the
+    stored depth; default 8). ``format`` is a Pillow format name or png/jpg/webp/tiff; by
+    default it comes from the extension. ``quality`` (1-100) is used by JPEG and WebP
+    (WebP at 100 is lossless).
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ImageWriteError(f"{path}: expected an H x W x C array with C in 1..4, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = from_float(arr, np.uint16 if bit_depth == 16 else np.uint8)
+    elif arr.dtype not in (np.uint8, np.uint16):
+        raise ImageWriteError(f"{path}: unsupported array dtype {arr.dtype}")
+    elif bit_depth == 8 and arr.dtype == np.uint16:
+        arr = _to8(arr)
+    elif bit_depth == 16 and arr.dtype == np.uint8:
+        arr = arr.astype(np.uint16) * 257
+    fmt = FORMATS[format.lower()][0] if format and format.lower() in FORMATS else (
+        format.upper() if format else format_for_path(path))
+    if fmt not in ("PNG", "JPEG", "WEBP", "TIFF"):
+        raise ImageWriteError(f"{path}: unsupported output format {fmt!r}")
+    if fmt == "JPEG" and arr.shape[2] in (2, 4):
+        raise ImageWriteError(f"{path}: JPEG cannot store an alpha channel; write PNG, WebP or TIFF")
+    if not 1 <= int(quality) <= 100:
+        raise ImageWriteError(f"quality must be in 1..100, got {quality}")
+    return atomic_write(path, lambda tmp: _encode(tmp, arr, fmt, int(quality), icc_profile, exif))
+
+
+def _to8(arr: np.ndarray) -> np.ndarray:
+    return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _encode(tmp: str, arr: np.ndarray, fmt: str, quality: int, icc: Optional[bytes],
+            exif: Optional[bytes]) -> None:
+    extra = {}
+    if icc:
+        extra["icc_profile"] = icc
+    if exif and fmt != "TIFF":  # EXIF tags would mix with the TIFF's own tags
+        extra["exif"] = exif
+    c = arr.shape[2]
+    if arr.dtype == np.uint16 and fmt in ("JPEG", "WEBP"):
+        arr = _to8(arr)  # these formats hold 8 bits only
+    if arr.dtype == np.uint16 and c > 1:
+        if fmt == "PNG":
+            return _write_png16(tmp, arr, icc, exif)
+        return _write_tiff16(tmp, arr, icc)
+    im = array_to_pil(arr)
+    if fmt == "JPEG":
+        im.save(tmp, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
+    elif fmt == "WEBP":
+        if im.mode in ("L", "LA"):
+            im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+        im.save(tmp, "WEBP", quality=quality, lossless=quality >= 100, exact=quality >= 100, **extra)
+    elif fmt == "TIFF":
+        im.save(tmp, "TIFF", compression="tiff_adobe_deflate", **extra)
+    else:
+        im.save(tmp, "PNG", **extra)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _write_png16(tmp: str, arr: np.ndarray, icc: Optional[bytes], exif: Optional[bytes]) -> None:
+    """A 16-bit PNG (grey+alpha, RGB or RGBA), rows "Up"-filtered, streamed in slices."""
+    h, w, c = arr.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    with open(tmp, "wb") as f:
+        f.write(_PNG_SIGNATURE)
+        f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)))
+        if icc:
+            f.write(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+        if exif:
+            f.write(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+        comp = zlib.compressobj(6)
+        prev = np.zeros(w * c * 2, np.uint8)
+        step = max(1, (1 << 22) // (w * c * 2))  # about 4 MB of rows at a time
+        for y0 in range(0, h, step):
+            rows = np.ascontiguousarray(arr[y0:y0 + step], dtype=">u2").view(np.uint8).reshape(-1, w * c * 2)
+            up = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
+            up[:, 0] = 2  # filter type "Up": byte minus the byte above, modulo 256
+            up[0, 1:] = rows[0] - prev
+            up[1:, 1:] = rows[1:] - rows[:-1]
+            prev = rows[-1].copy()
+            data = comp.compress(up.tobytes())
+            if data:
+                f.write(_png_chunk(b"IDAT", data))
+        f.write(_png_chunk(b"IDAT", comp.flush()))
+        f.write(_png_chunk(b"IEND", b""))
+
+
+def _write_tiff16(tmp: str, arr: np.ndarray, icc: Optional[bytes]) -> None:
+    try:
+        import tifffile
+    except ModuleNotFoundError:
+        raise ImageWriteError("writing a 16-bit colour TIFF needs the 'tifffile' package "
+                              "(pip install \"distillsr[images16]\")") from None
+    c = arr.shape[2]
+    kwargs = {"photometric": "minisblack" if c <= 2 else "rgb", "compression": "zlib"}
+    if c in (2, 4):
+        kwargs["extrasamples"] = ["unassalpha"]
+    if icc:
+        kwargs["iccprofile"] = icc
+    tifffile.imwrite(tmp, np.ascontiguousarray(arr), **kwargs)

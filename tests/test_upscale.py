@@ -1,0 +1,388 @@
+"""distillsr upscale / distillsr.upscale: real image kinds, batches, bad inputs, tiling, memory.
+
+Most tests use ``Toy``, a tiny SRNet (one 3x3 conv + pixel shuffle on top of a nearest
+upscale), so they run in milliseconds; the CLI ones save it as a checkpoint (``--weights``).
+"""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageCms
+
+import distillsr
+from distillsr import io as imgio
+from distillsr import register_model, save_model
+from distillsr.cli.main import main
+from distillsr.engine import upscale as eng
+from distillsr.engine.upscale import Upscaler, choose_tile, collect_inputs, upscale_files
+from distillsr.models.base import SRNet
+from distillsr.registry import list_models
+
+REPO = Path(__file__).resolve().parents[1]
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+RNG = np.random.default_rng(1)
+
+
+class Toy(SRNet):
+    """Local (3x3 receptive field) network: nearest upscale + a learned 3x3 residual."""
+
+    def __init__(self, scale=2, seed=0):
+        super().__init__()
+        self.scale = scale
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 3 * scale * scale, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.05)
+            self.conv.bias.zero_()
+        self.shuffle = torch.nn.PixelShuffle(scale)
+
+    def forward_native(self, x):
+        return F.interpolate(x, scale_factor=self.scale, mode="nearest") + self.shuffle(self.conv(x))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_arch():
+    """"toy-upscale-test" in the registry while this module runs (checkpoints name it)."""
+    from distillsr import registry
+    if "toy-upscale-test" not in list_models():
+        register_model("toy-upscale-test", scales=(2, 3, 4))(lambda scale, **o: Toy(scale, **o))
+    yield
+    registry._REGISTRY.pop("toy-upscale-test", None)
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory, toy_arch):
+    """Toy x2 weights as a checkpoint file, for the CLI's --weights."""
+    model = distillsr.create_model("toy-upscale-test", 2)
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "toy_x2.safetensors")
+
+
+def rand(h, w, c, dtype=np.uint8):
+    hi = 255 if dtype == np.uint8 else 65535
+    return RNG.integers(0, hi + 1, (h, w, c)).astype(dtype)
+
+
+def toy_reference(arr_float, scale=2):
+    """What the pipeline must give for RGB float input: the model on the whole image."""
+    x = torch.from_numpy(np.ascontiguousarray(arr_float)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        return Toy(scale)(x)[0].permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------- image kinds through the CLI
+
+def _make_inputs(folder: Path):
+    """One file of every kind; returns {name: (stored array, expected output mode check)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    a = rand(12, 10, 3)
+    Image.fromarray(a).save(folder / "rgb.png", icc_profile=SRGB)
+    made["rgb.png"] = a
+    g = rand(12, 10, 1)
+    Image.fromarray(g[:, :, 0]).save(folder / "grey.png")
+    made["grey.png"] = g
+    la = rand(12, 10, 2)
+    Image.fromarray(la, "LA").save(folder / "la.png")
+    made["la.png"] = la
+    rgba = rand(12, 10, 4)
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    made["rgba.png"] = rgba
+    Image.fromarray(a).quantize(8).save(folder / "pal.png")
+    g16 = rand(12, 10, 1, np.uint16)
+    Image.fromarray(g16[:, :, 0]).save(folder / "grey16.tif")
+    made["grey16.tif"] = g16
+    c16 = rand(12, 10, 3, np.uint16)
+    imgio.write_image(folder / "rgb16.png", c16)
+    made["rgb16.png"] = c16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(a).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    return made
+
+
+def test_cli_every_kind(tmp_path, toy_ckpt, capsys):
+    made = _make_inputs(tmp_path / "in")
+    rc = main(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(toy_ckpt),
+               "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "8 upscaled, 0 skipped" in out.out and "0 failed" in out.out
+    o = tmp_path / "out"
+    expect = {"rgb.png": ("RGB", (20, 24)), "grey.png": ("L", (20, 24)), "la.png": ("LA", (20, 24)),
+              "rgba.png": ("RGBA", (20, 24)), "pal.png": ("RGB", (20, 24)),
+              "grey16.tif": ("I;16", (20, 24)), "rotated.jpg": ("RGB", (24, 20))}
+    for name, (mode, size) in expect.items():
+        im = Image.open(o / name)
+        assert (im.mode, im.size) == (mode, size), name
+    assert Image.open(o / "rgb.png").info["icc_profile"] == SRGB
+    arr, info = imgio.read_image_native(o / "rgb16.png")
+    assert info.bit_depth == 16 and info.channels == 3 and arr.shape == (24, 20, 3)
+    # the 16-bit output really uses 16 bits (not 8-bit values scaled up)
+    assert (arr % 257 != 0).mean() > 0.5
+    # the values: RGB output is the network's output
+    np.testing.assert_allclose(np.asarray(Image.open(o / "rgb.png")) / 255.0,
+                               np.clip(toy_reference(made["rgb.png"] / 255.0), 0, 1), atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(arr / 65535.0, np.clip(toy_reference(made["rgb16.png"] / 65535.0), 0, 1),
+                               atol=0.5 / 65535 + 1e-6)
+
+
+def test_grey_and_alpha_handling():
+    up = Upscaler(Toy(2), "cpu", tile=None)
+    g = rand(9, 11, 1).astype(np.float32) / 255
+    out = up.upscale_array(g, np.float32)
+    ref = toy_reference(np.repeat(g, 3, axis=2)).mean(axis=2, keepdims=True)
+    np.testing.assert_allclose(out, np.clip(ref, 0, 1), atol=1e-6)
+    rgba = rand(9, 11, 4).astype(np.float32) / 255
+    out = up.upscale_array(rgba, np.float32)
+    np.testing.assert_allclose(out[:, :, :3], np.clip(toy_reference(rgba[:, :, :3]), 0, 1), atol=1e-6)
+    alpha = F.interpolate(torch.from_numpy(rgba[:, :, 3])[None, None], scale_factor=2, mode="bicubic",
+                          align_corners=False)[0, 0].clamp(0, 1).numpy()
+    np.testing.assert_allclose(out[:, :, 3], alpha, atol=1e-6)
+
+
+def test_self_ensemble_is_the_mean_of_the_eight_transforms():
+    model = Toy(2)
+    x = rand(8, 13, 3).astype(np.float32) / 255
+    got = Upscaler(model, "cpu", tile=None, self_ensemble=True).upscale_array(x, np.float32)
+    t = torch.from_numpy(x).permute(2, 0, 1)[None]
+    outs = []
+    with torch.no_grad():
+        for k in range(4):
+            for flip in (False, True):
+                y = torch.rot90(t, k, (2, 3))
+                y = model(y.flip(3) if flip else y)
+                y = y.flip(3) if flip else y
+                outs.append(torch.rot90(y, -k, (2, 3)))
+    ref = torch.stack(outs).mean(0)[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    plain = Upscaler(model, "cpu", tile=None).upscale_array(x, np.float32)
+    assert np.abs(plain - got).max() > 1e-3  # the toy is not rotation invariant
+
+
+# ---------------------------------------------------------------- batches
+
+def test_bad_files_reported_others_done(tmp_path, toy_ckpt, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(rand(8, 8, 3)).save(src / f"good{i}.png")
+    data = (src / "good0.png").read_bytes()
+    (src / "truncated.png").write_bytes(data[: len(data) // 2])
+    (src / "zero.png").write_bytes(b"")
+    rc = main(["upscale", str(src), str(tmp_path / "missing.png"), "-o", str(tmp_path / "out"),
+               "--weights", str(toy_ckpt), "--device", "cpu", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert sorted(os.listdir(tmp_path / "out")) == ["good0.png", "good1.png"]
+    assert "truncated.png: truncated or corrupt PNG" in cap.err
+    assert "zero.png: empty file (0 bytes)" in cap.err
+    assert "missing.png: no such file or folder" in cap.err
+    assert "FAILED: 2 upscaled, 0 skipped" in cap.out and "3 failed, of 5 inputs" in cap.out
+
+
+def test_skip_existing_unless_overwrite_and_relative_paths(tmp_path, toy_ckpt, capsys):
+    src = tmp_path / "in"
+    (src / "a" / "b").mkdir(parents=True)
+    Image.fromarray(rand(6, 6, 3)).save(src / "top.png")
+    Image.fromarray(rand(6, 6, 3)).save(src / "a" / "b" / "deep.jpg")
+    Image.fromarray(rand(6, 6, 3)).save(tmp_path / "single.webp")
+    out = tmp_path / "out"
+    args = ["upscale", str(src), "-o", str(out), "--weights", str(toy_ckpt), "--device", "cpu",
+            "--no-progress", "--recursive", "--suffix", "_x2", "--format", "png"]
+    assert main(args) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "a/b/deep_x2.png", "top_x2.png"]
+    (out / "top_x2.png").write_bytes(b"keep me")
+    assert main(args) == 0
+    assert "0 upscaled, 2 skipped" in capsys.readouterr().out
+    assert (out / "top_x2.png").read_bytes() == b"keep me"
+    assert main(args + ["--overwrite"]) == 0
+    assert Image.open(out / "top_x2.png").size == (12, 12)
+    # globs keep the path below the pattern's fixed part; a named file keeps its name
+    items, problems = collect_inputs([str(src / "**" / "*.jpg"), str(tmp_path / "single.webp")], recursive=True)
+    assert [str(r) for _, r in items] == ["a/b/deep.jpg", "single.webp"] and problems == []
+    # without --recursive only the top folder
+    items, _ = collect_inputs([str(src)])
+    assert [str(r) for _, r in items] == ["top.png"]
+
+
+def test_output_never_replaces_its_input(tmp_path, toy_ckpt, capsys):
+    Image.fromarray(rand(6, 6, 3)).save(tmp_path / "x.png")
+    before = (tmp_path / "x.png").read_bytes()
+    rc = main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path), "--weights", str(toy_ckpt),
+               "--device", "cpu", "--no-progress", "--overwrite"])
+    assert rc == 1 and "would replace its own input" in capsys.readouterr().err
+    assert (tmp_path / "x.png").read_bytes() == before
+
+
+def test_jpeg_output_of_alpha_input_is_reported(tmp_path, toy_ckpt, capsys):
+    Image.fromarray(rand(6, 6, 4)).save(tmp_path / "a.png")
+    rc = main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--weights", str(toy_ckpt),
+               "--device", "cpu", "--no-progress", "--format", "jpg"])
+    assert rc == 1 and "alpha channel, which JPEG cannot store" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+def test_wrong_scale_for_checkpoint_is_a_clear_error(tmp_path, toy_ckpt, capsys):
+    Image.fromarray(rand(6, 6, 3)).save(tmp_path / "x.png")
+    rc = main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--weights", str(toy_ckpt),
+               "--scale", "4", "--device", "cpu"])
+    assert rc == 2 and "upscales x2, not x4" in capsys.readouterr().err
+
+
+def test_pretrained_model_by_name(tmp_path, monkeypatch, capsys):
+    from distillsr.pretrained import save_pretrained
+    save_pretrained(distillsr.create_model("toy-upscale-test", 3), "toy", tmp_path / "w")
+    monkeypatch.setenv("DISTILLSR_WEIGHTS_DIR", str(tmp_path / "w"))
+    Image.fromarray(rand(5, 7, 3)).save(tmp_path / "x.png")
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--model", "toy",
+                 "--scale", "3", "--device", "cpu", "--no-progress"]) == 0
+    assert Image.open(tmp_path / "o" / "x.png").size == (21, 15)
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--model", "toy",
+                 "--scale", "2", "--device", "cpu"]) == 2
+    assert "no pretrained weights 'toy' x2 are installed" in capsys.readouterr().err
+
+
+def test_interrupted_batch_leaves_no_partial_output(tmp_path, monkeypatch):
+    """Ctrl-C while the second image is being written: the first output is complete, the
+    second leaves neither a file nor a temporary file, and the interrupt propagates."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(rand(16, 16, 3)).save(src / f"im{i}.png")
+    real_encode = imgio._encode
+    calls = []
+
+    def encode(tmp, *a, **k):
+        calls.append(tmp)
+        if len(calls) == 2:
+            with open(tmp, "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n half an image")
+            raise KeyboardInterrupt
+        return real_encode(tmp, *a, **k)
+
+    monkeypatch.setattr(imgio, "_encode", encode)
+    up = Upscaler(Toy(2), "cpu", tile=None)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_files([src], tmp_path / "out", up, progress=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["im0.png"]
+    assert Image.open(tmp_path / "out" / "im0.png").size == (32, 32)
+
+
+# ---------------------------------------------------------------- Python API
+
+def test_api_returns_the_same_kind():
+    model = Toy(2)
+    pil = Image.fromarray(rand(7, 9, 4))
+    out = distillsr.upscale(pil, 2, model, device="cpu")
+    assert isinstance(out, Image.Image) and out.mode == "RGBA" and out.size == (18, 14)
+    for dtype in (np.uint8, np.uint16):
+        a = rand(7, 9, 3, dtype)
+        y = distillsr.upscale(a, 2, model, device="cpu")
+        assert y.dtype == dtype and y.shape == (14, 18, 3)
+    g = rand(7, 9, 1)[:, :, 0].astype(np.float64) / 255
+    y = distillsr.upscale(g, 2, model, device="cpu")
+    assert y.dtype == np.float64 and y.shape == (14, 18) and 0 <= y.min() and y.max() <= 1
+    t = torch.rand(2, 3, 7, 9)
+    y = distillsr.upscale(t, 2, model, device="cpu")
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3, 14, 18) and y.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(t).clamp(0, 1), atol=1e-6, rtol=0)
+    t8 = (torch.rand(3, 7, 9) * 255).to(torch.uint8)
+    y = distillsr.upscale(t8, 2, model, device="cpu")
+    assert y.dtype == torch.uint8 and y.shape == (3, 14, 18)
+    with pytest.raises(ValueError, match="x2, not x4"):
+        distillsr.upscale(t, 4, model, device="cpu")
+    with pytest.raises(TypeError, match="PIL image, a numpy array or a torch tensor"):
+        distillsr.upscale([1, 2, 3], 2, model, device="cpu")
+
+
+# ---------------------------------------------------------------- tiling and memory
+
+class PointNet(SRNet):
+    """Receptive field of one LR pixel (1x1 conv + pixel shuffle): any tiling, any blend
+    must give exactly the whole-image output, so tile/band placement errors show."""
+
+    def __init__(self, scale=2):
+        super().__init__()
+        self.scale = scale
+        self.conv = torch.nn.Conv2d(3, 3 * scale * scale, 1)
+        self.shuffle = torch.nn.PixelShuffle(scale)
+
+    def forward_native(self, x):
+        return self.shuffle(self.conv(x))
+
+
+@pytest.mark.parametrize("blend", ["mean", "feather"])
+@pytest.mark.parametrize("scale", [2, 3])
+def test_tiles_and_bands_are_placed_exactly(monkeypatch, blend, scale):
+    torch.manual_seed(0)
+    model = PointNet(scale).eval()
+    x = rand(53, 41, 4).astype(np.float32) / 255
+    whole = Upscaler(model, "cpu", tile=None).upscale_array(x, np.float32)
+    monkeypatch.setattr(eng, "BAND_BYTES", 1)  # force one band per tile row: bands are tested too
+    up = Upscaler(model, "cpu", tile=16, tile_overlap=4, blend=blend)
+    tiled = up.upscale_array(x, np.float32)
+    assert up.last_tile == 16 and len(up.plan(53, 41)[1]) > 1
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)  # float summation order differs per tile size
+
+
+class FixedEstimate:
+    """A runner stand-in with a known memory estimate (choose_tile arithmetic)."""
+    scale = 2
+
+    def memory_estimate(self, device):
+        return eng.MemoryEstimate(per_pixel=1000.0, fixed=0.0)
+
+
+def test_choose_tile_from_budget():
+    r = FixedEstimate()
+    budget = int(1.5 * 1000 * 100 * 100)  # exactly 100x100 LR pixels after the 1.5 safety factor
+    assert choose_tile(r, 100, 100, "cpu", budget=budget) is None  # whole image fits
+    assert choose_tile(r, 101, 100, "cpu", budget=budget) == 96    # sqrt(10000) -> multiple of 8
+    assert choose_tile(r, 5000, 5000, "cpu", budget=1000) == eng.MIN_AUTO_TILE
+
+
+def test_memory_estimate_measures_live_tensors():
+    # Toy x2 keeps at most three 3 x 2h x 2w float maps alive: 3 * 3 * 4 * 4 = 144 bytes per LR pixel
+    est = eng.estimate_memory(Toy(2).eval(), "cpu")
+    assert est.per_pixel == pytest.approx(144, rel=0.1)
+    assert eng.estimate_memory(PointNet(4).eval(), "cpu").per_pixel < est.per_pixel * 4
+
+
+def test_auto_tile_uses_whole_image_when_it_fits_and_tiles_otherwise():
+    model = PointNet(2).eval()
+    x = rand(100, 120, 3).astype(np.float32) / 255
+    est = eng.estimate_memory(model, "cpu")
+    budget = int(1.5 * est.bytes_for(80 * 80)) + 1  # room for an 80x80 tile, not the whole image
+    big = Upscaler(model, "cpu", tile="auto", memory_budget=1 << 30)
+    small = Upscaler(model, "cpu", tile="auto", memory_budget=budget)
+    a, b = big.upscale_array(x, np.float32), small.upscale_array(x, np.float32)
+    assert big.last_tile is None and small.last_tile == 80
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+PEAK_GROWTH_BOUND = 1000 << 20  # bytes; see the README section "upscale" for what it covers
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS read from /proc (Linux)")
+def test_4000x3000_runs_tiled_within_memory_bound(tmp_path):
+    """A 4000x3000 RGB input upscaled x2 on CPU with tile="auto" under a 64 MiB budget for the
+    model: peak RSS growth stays under PEAK_GROWTH_BOUND (the image buffers: float input,
+    uint8 output, the encoder's copy, one band of tiles). Whole-image inference of the same
+    model grows it by more than PEAK_GROWTH_BOUND (benchmarks/upscale_memory.py, README)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import upscale_memory  # the worker runs in a fresh process; same script as the benchmark
+    finally:
+        sys.path.pop(0)
+    upscale_memory.make_input(tmp_path / "big.png")
+    tile, growth = upscale_memory.run_worker(tmp_path / "big.png", tmp_path / "big_x2.jpg", "auto", 64 << 20)
+    assert tile != "None"
+    assert growth < PEAK_GROWTH_BOUND, f"peak RSS grew by {growth >> 20} MiB"
+    with Image.open(tmp_path / "big_x2.jpg") as im:
+        assert im.size == (8000, 6000)
