@@ -104,7 +104,7 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         else:
             y = _MKLDNN._linear_pointwise(x2, w, bias, act or "none", [], "none" if act == "gelu" else "")
         return y.view(*x.shape[:-1], w.shape[0])
-    y = _act(F.linear(x, w, bias), act)
+    y = _act(F.linear(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], w.shape[0]), act)
     return y if add is None else y + add
 
 
