@@ -74,7 +74,7 @@ def worker_infer(spec):
     import distillsr
     from distillsr.engine.profile import count_cost, input_size_for_output, peak_memory, tune_cpu_allocator
     name, scale, impl = spec["model"], spec["scale"], spec["impl"]
-    if impl != "plain":
+    if impl == "fast":
         tune_cpu_allocator()
     torch.manual_seed(0)
     model = distillsr.create_model(name, scale).eval()
@@ -108,6 +108,17 @@ def worker_infer(spec):
             "sgemm_median": med_r, "gflops": cost.flops / med_t / 1e9,
             "pct_sgemm": 100 * cost.flops / med_t / 1e9 / med_r, "peak_rss": peak, "rss_before": rss0,
             "tiled": spec.get("tiled")}
+
+
+def worker_export(spec):
+    """Export (or find in the cache) the ONNX file of a row, apart from the timed worker."""
+    torch = _setup(spec["threads"])
+    import distillsr
+    from distillsr.engine.onnx_backend import cached_export
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    path = cached_export(distillsr.create_model(spec["model"], spec["scale"]).eval())
+    return {"path": str(path), "seconds": time.perf_counter() - t}
 
 
 def worker_train(spec):
@@ -156,9 +167,11 @@ def _rss():
 
 
 # ----------------------------------------------------------------------------- driver side
-def run_worker(spec, timeout=3600):
+def run_worker(spec, omp_wait="PASSIVE", timeout=3600):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=str(SRC))
+    if omp_wait:
+        env["OMP_WAIT_POLICY"] = omp_wait
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -192,13 +205,17 @@ def main(argv=None):
     p.add_argument("--train-iters", type=int, default=3)
     p.add_argument("--no-4k", action="store_true", help="skip the tiled 3840x2160 x4 row")
     p.add_argument("--tile", type=int, default=256, help="LR tile side for the 4K row (default 256)")
+    p.add_argument("--omp-wait", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a shared machine, spinning "
+                        "OpenMP threads wait for descheduled ones at every op; '' keeps the environment's)")
     p.add_argument("--json", help="write all results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         spec = json.loads(args.worker)
-        result = worker_train(spec) if spec.get("train") else worker_infer(spec)
+        kind = "train" if spec.get("train") else "export" if spec.get("export") else "infer"
+        result = {"train": worker_train, "export": worker_export, "infer": worker_infer}[kind](spec)
         print(json.dumps(result))
         return 0
 
@@ -227,24 +244,31 @@ def main(argv=None):
                 rows += [(m, s, i) for i in impls if i != "plain" or m in ASID_SCALES]
     load0 = _load()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads "
-          f"{args.threads or 'default'}, load average at start {load0}", flush=True)
+          f"{args.threads or 'default'}, OMP_WAIT_POLICY={args.omp_wait or os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average at start {load0}", flush=True)
     results = []
     for m, s, i in rows:
         spec = {"model": m, "scale": s, "impl": i, "threads": args.threads, "repeats": args.repeats,
                 "warmup": args.warmup, "size": list(size)}
-        results.append(run_worker(spec))
+        if i == "onnx":
+            e = run_worker({**spec, "export": True}, args.omp_wait)
+            if "error" in e:
+                print(f"{m} x{s} export: ERROR {e['error']}", flush=True)
+            elif e["seconds"] > 1:
+                print(f"exported {m} x{s} to {e['path']} in {e['seconds']:.0f} s", flush=True)
+        results.append(run_worker(spec, args.omp_wait))
         _print_row(results[-1])
     if not args.no_4k and "asid" in known:
         spec = {"model": "asid", "scale": 4, "impl": "fast", "threads": args.threads, "repeats": 1,
                 "warmup": 0, "size": [3840, 2160], "tiled": [args.tile, 24]}
-        results.append(run_worker(spec))
+        results.append(run_worker(spec, args.omp_wait))
         _print_row(results[-1])
     train = []
     if args.train_batch:
         for i in ("fast", "plain"):
             spec = {"train": True, "impl": i, "threads": args.threads, "batch": args.train_batch,
                     "repeats": args.train_iters, "warmup": 1}
-            train.append(run_worker(spec))
+            train.append(run_worker(spec, args.omp_wait))
             t = train[-1]
             if "error" in t:
                 print(f"train {i}: ERROR {t['error']}", flush=True)
