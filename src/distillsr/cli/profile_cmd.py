@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--count-only", action="store_true", help="only count parameters and MACs")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile(model) (CUDA: with CUDA graphs); compiling is not timed")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=run)
 
@@ -62,7 +64,8 @@ def run(args) -> int:
         else:
             model = create_model(args.model, args.scale)
         result = profile_model(model, size, device=device, dtype=args.dtype, repeats=args.repeats,
-                               warmup=args.warmup, name=args.model.lower(), time_it=not args.count_only)
+                               warmup=args.warmup, name=args.model.lower(), time_it=not args.count_only,
+                               compile=args.compile)
     except (ValueError, KeyError, TypeError, CheckpointError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)

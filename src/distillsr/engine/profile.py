@@ -304,9 +304,15 @@ class ProfileResult:
 
 def profile_model(model: nn.Module, output_size: Tuple[int, int] = (1280, 720), *,
                   device: Union[str, torch.device] = "cpu", dtype: str = "fp32", repeats: int = 5,
-                  warmup: int = 1, name: str = "", time_it: bool = True) -> ProfileResult:
+                  warmup: int = 1, name: str = "", time_it: bool = True,
+                  compile: bool = False) -> ProfileResult:
     """Cost, latency (``repeats`` runs after ``warmup``) and peak memory of ``model``
-    producing an output of about ``output_size`` = (width, height), batch 1."""
+    producing an output of about ``output_size`` = (width, height), batch 1.
+
+    ``compile``: time ``torch.compile(model)`` instead (fixed shape; on CUDA with
+    ``mode="reduce-overhead"``, i.e. CUDA graphs); compiling happens in the warm-up run,
+    which is then at least 1. On this project's CPU it brought no gain over the eager
+    fast path (see README, speed)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     device = torch.device(device)
@@ -319,6 +325,9 @@ def profile_model(model: nn.Module, output_size: Tuple[int, int] = (1280, 720), 
         if device.type == "cpu":
             tune_cpu_allocator()
         net = model.to(device=device, dtype=DTYPES[dtype]).eval()
+        if compile:
+            net = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+            warmup = max(warmup, 1)
         x = torch.rand(1, 3, h, w, device=device, dtype=DTYPES[dtype])
         with torch.inference_mode():
             def run():

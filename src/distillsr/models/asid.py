@@ -79,7 +79,7 @@ class fused_kernels:
 
 def _fusable(x: torch.Tensor) -> bool:
     return (fused_kernels.enabled and _HAS_FUSED and type(x) is torch.Tensor
-            and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
