@@ -36,9 +36,106 @@ WINDOW = 8  # side of the attention windows and grids (fixed in the release)
 Matrices = List[Optional[torch.Tensor]]
 
 
+# ----------------------------------------------------------------------------- layout
+# Inside the network feature maps are NHWC tensors (B, H, W, C), contiguous (or a slice
+# of the last dimension of one). Then a LayerNorm over channels needs no permute, a 1x1
+# conv is one matrix product over the channel dimension, the 3x3 and depthwise convs
+# run on the same memory seen as a channels_last NCHW tensor, and cutting a map into
+# windows is a single copy. ``ASID.features`` converts at the entry and exit.
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """NHWC -> NCHW view (channels_last strides; no copy)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(y: torch.Tensor) -> torch.Tensor:
+    """NCHW -> contiguous NHWC (no copy when ``y`` is channels_last)."""
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+# Fused CPU kernels. In inference on the CPU (no autograd, no tracing or export) a
+# matrix product or conv and what follows it (GELU, sigmoid, a residual add, the gate
+# of the GFN) run as one oneDNN primitive with post-ops, which saves a pass over the
+# map each. Everywhere else (training, CUDA, export) the same ops run one by one.
+_MKLDNN = getattr(torch.ops, "mkldnn", None)
+_HAS_FUSED = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
+              and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_convolution_pointwise"))
+
+
+class fused_kernels:
+    """``with fused_kernels(False):`` runs the plain op-by-op path (used by export)."""
+
+    enabled = True
+
+    def __init__(self, enabled: bool):
+        self.enabled_inside = enabled
+
+    def __enter__(self):
+        self.before, fused_kernels.enabled = fused_kernels.enabled, self.enabled_inside
+
+    def __exit__(self, *exc):
+        fused_kernels.enabled = self.before
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    return (fused_kernels.enabled and _HAS_FUSED and type(x) is torch.Tensor
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def _act(y: torch.Tensor, act: Optional[str]) -> torch.Tensor:
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "sigmoid":
+        return torch.sigmoid(y)
+    return y
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              act: Optional[str] = None, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(x W^T + b)`` or ``x W^T + b + add`` over the channels of an NHWC map
+    (a 1x1 conv or a linear layer; ``weight`` (out, in) or (out, in, 1, 1))."""
+    w = weight.flatten(1)
+    if _fusable(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if add is not None:
+            y = _MKLDNN._linear_pointwise.binary(x2, add.reshape(-1, w.shape[0]), w, bias, "add")
+        else:
+            y = _MKLDNN._linear_pointwise(x2, w, bias, act or "none", [], "none" if act == "gelu" else "")
+        return y.view(*x.shape[:-1], w.shape[0])
+    y = _act(F.linear(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], w.shape[0]), act)
+    return y if add is None else y + add
+
+
+def conv_nhwc(conv: nn.Conv2d, x: torch.Tensor, act: Optional[str] = None,
+              mul: Optional[torch.Tensor] = None, channels: Optional[slice] = None) -> torch.Tensor:
+    """``act(conv(x))`` or ``conv(x) * mul`` on an NHWC map; ``channels`` restricts a
+    depthwise conv to some of its channels (``x`` holds just those)."""
+    w, b = conv.weight, conv.bias
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
+        y = pointwise(x, w, b, act)
+        return y if mul is None else y * mul
+    groups = conv.groups
+    if channels is not None:
+        w, b, groups = w[channels], (None if b is None else b[channels]), x.shape[-1]
+    if _fusable(x):
+        xc = _nchw(x.contiguous())
+        args = (conv.padding, conv.stride, conv.dilation, groups)
+        if mul is not None:
+            y = _MKLDNN._convolution_pointwise.binary(xc, _nchw(mul.contiguous()), w, b, *args,
+                                                      "mul", None, None, [], None)
+        else:
+            y = _MKLDNN._convolution_pointwise(xc, w, b, *args, act or "none", [],
+                                               "none" if act == "gelu" else "")
+        return _nhwc(y)
+    y = _act(_nhwc(F.conv2d(_nchw(x), w, b, conv.stride, conv.padding, conv.dilation, groups)), act)
+    return y if mul is None else y * mul
+
+
 # ----------------------------------------------------------------------------- basics
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels at every pixel of an NCHW map (eps 1e-6 as released)."""
+    """LayerNorm over channels at every pixel (eps 1e-6 as released); NHWC input."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -47,9 +144,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class GFN(nn.Module):
@@ -61,9 +156,17 @@ class GFN(nn.Module):
         self.dwconv = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=False)
         self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
 
-    def forward(self, x):
-        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(x1) * x2)
+    def forward(self, x, residual: Optional[torch.Tensor] = None):
+        """NHWC; with ``residual`` returns ``residual + GFN(x)``."""
+        d = self.project_out.in_channels
+        if _fusable(x):  # each half through its own dwconv: GELU and the gate fused into it
+            w = self.project_in.weight
+            x1 = conv_nhwc(self.dwconv, pointwise(x, w[:d]), act="gelu", channels=slice(0, d))
+            g = conv_nhwc(self.dwconv, pointwise(x, w[d:]), mul=x1, channels=slice(d, 2 * d))
+        else:
+            x1, x2 = conv_nhwc(self.dwconv, conv_nhwc(self.project_in, x)).chunk(2, dim=-1)
+            g = F.gelu(x1) * x2
+        return pointwise(g, self.project_out.weight, add=residual)
 
 
 class SE(nn.Module):
@@ -75,8 +178,8 @@ class SE(nn.Module):
         self.fc2 = nn.Linear(dim // 4, dim, bias=False)
 
     def forward(self, x):
-        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(x.mean(dim=(2, 3))))))
-        return x * gate[:, :, None, None]
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(x.mean(dim=(1, 2))))))
+        return x * gate[:, None, None, :]
 
 
 class LM(nn.Module):
@@ -90,36 +193,54 @@ class LM(nn.Module):
         self.conv_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x):
-        y = F.gelu(self.dwconv(F.gelu(self.conv_in(x))))
-        return x + self.conv_out(self.se(y))
+        y = conv_nhwc(self.dwconv, conv_nhwc(self.conv_in, x, act="gelu"), act="gelu")
+        return pointwise(self.se(y), self.conv_out.weight, self.conv_out.bias, add=x)
 
 
 # ----------------------------------------------------------------- window bookkeeping
+# How a map is cut into groups of pixels. H = h * 8 is seen either as (h, 8) ("outer":
+# the 8x8 windows) or as (8, h) ("inner": the sparse grid); the permutation of the 6-d
+# view (B, ., ., ., ., C) puts the group dimensions first and the members next.
+#   meso   8x8 window (i // 8, j // 8), member (i % 8, j % 8)          (spatial and channel)
+#   global grid group (i % h, j % w), member (i // h, j // w)           (spatial)
+#   grid   one group per in-window position (i % 8, j % 8), members are the windows (channel)
+_LAYOUTS = {
+    "meso": (True, (0, 1, 3, 2, 4, 5)),
+    "global": (False, (0, 2, 4, 1, 3, 5)),
+    "grid": (True, (0, 2, 4, 1, 3, 5)),
+}
+
+
+def _view6(x: torch.Tensor, kind: str) -> torch.Tensor:
+    b, hh, ww, c = x.shape
+    h, w = hh // WINDOW, ww // WINDOW
+    outer, _ = _LAYOUTS[kind]
+    return x.view(b, h, WINDOW, w, WINDOW, c) if outer else x.view(b, WINDOW, h, WINDOW, w, c)
+
+
 def to_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B, C, H, W) -> (B * groups, 64, C): 8x8 windows ("meso") or an 8x8 grid ("global").
+    """(B, H, W, C) -> (B * groups, members, C), one copy."""
+    t = _view6(x, kind).permute(*_LAYOUTS[kind][1])
+    return t.reshape(t.shape[0] * t.shape[1] * t.shape[2], t.shape[3] * t.shape[4], t.shape[5])
 
-    meso: pixel (i, j) is in window (i // 8, j // 8) at position (i % 8, j % 8).
-    global: with h = H / 8, pixel (i, j) is in group (i % h, j % w) at position (i // h, j // w).
-    """
-    b, c, hh, ww = x.shape
+
+def add_tokens(x: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x + from_tokens(t)`` in one pass: (B, H, W, C) + (B * groups, members, C)."""
+    x6 = _view6(x, kind)
+    perm = _LAYOUTS[kind][1]
+    inverse = [perm.index(i) for i in range(6)]
+    t6 = t.view([x6.shape[i] for i in perm]).permute(*inverse)
+    return (x6 + t6).reshape(x.shape)
+
+
+def from_tokens(t: torch.Tensor, kind: str, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``to_tokens`` for an NHWC ``shape``."""
+    perm = _LAYOUTS[kind][1]
+    inverse = [perm.index(i) for i in range(6)]
+    b, hh, ww, c = shape
     h, w = hh // WINDOW, ww // WINDOW
-    if kind == "meso":
-        t = x.view(b, c, h, WINDOW, w, WINDOW).permute(0, 2, 4, 3, 5, 1)
-    else:
-        t = x.view(b, c, WINDOW, h, WINDOW, w).permute(0, 3, 5, 2, 4, 1)
-    return t.reshape(b * h * w, WINDOW * WINDOW, c)
-
-
-def from_tokens(t: torch.Tensor, kind: str, shape: torch.Size) -> torch.Tensor:
-    """Inverse of ``to_tokens``."""
-    b, c, hh, ww = shape
-    h, w = hh // WINDOW, ww // WINDOW
-    t = t.view(b, h, w, WINDOW, WINDOW, c)
-    if kind == "meso":
-        x = t.permute(0, 5, 1, 3, 2, 4)
-    else:
-        x = t.permute(0, 5, 3, 1, 4, 2)
-    return x.reshape(b, c, hh, ww)
+    six = (b, h, WINDOW, w, WINDOW, c) if _LAYOUTS[kind][0] else (b, WINDOW, h, WINDOW, w, c)
+    return t.view([six[i] for i in perm]).permute(*inverse).reshape(shape)
 
 
 def relative_position_index(n: int = WINDOW) -> torch.Tensor:
@@ -153,20 +274,21 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, t: torch.Tensor, shared: Optional[torch.Tensor] = None):
+        """t: (windows, 64, d) normalised tokens -> (projected output, attention matrix)."""
         if self.computes:
-            q, k, v = self.qkv(t).chunk(3, dim=-1)
-            logits = (q * self.scale) @ k.transpose(-2, -1) + self.rel_pos_bias[self.rel_pos_index]
-            attn = logits.softmax(dim=-1)
+            q, k, v = pointwise(t, self.qkv.weight).chunk(3, dim=-1)  # strided views, no copies
+            bias = self.rel_pos_bias[self.rel_pos_index]
+            attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
         else:
             if shared is None:
                 raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-            v, attn = self.v(t), shared
-        return self.proj(attn @ v), attn
+            v, attn = pointwise(t, self.v.weight), shared
+        return pointwise(torch.bmm(attn, v), self.proj.weight), attn
 
 
 class AttentionUnit(nn.Module):
     """One SAM unit: x + Attn(LN(x)) over windows ("meso") or grid groups ("global"),
-    then y + GFN(LN2d(y))."""
+    then y + GFN(LN2d(y)). NHWC in and out."""
 
     def __init__(self, dim: int, kind: str, computes: bool):
         super().__init__()
@@ -177,10 +299,9 @@ class AttentionUnit(nn.Module):
         self.gfn = GFN(dim)
 
     def forward(self, x, shared: Optional[torch.Tensor] = None):
-        t = to_tokens(x, self.kind)
-        y, attn = self.attn(self.norm1(t), shared)
-        x = from_tokens(t + y, self.kind, x.shape)
-        return x + self.gfn(self.norm2(x)), attn
+        y, attn = self.attn(self.norm1(to_tokens(x, self.kind)), shared)
+        x = add_tokens(x, y, self.kind)
+        return self.gfn(self.norm2(x), residual=x), attn
 
 
 class SAM(nn.Module):
@@ -210,27 +331,20 @@ class ChannelAttention(nn.Module):
         self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
         self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
 
-    def _split(self, t):  # (B, C, H, W) -> (B, groups, C, pixels per group)
-        b, c, hh, ww = t.shape
-        t = t.view(b, c, hh // WINDOW, WINDOW, ww // WINDOW, WINDOW)
-        order = (0, 2, 4, 1, 3, 5) if self.kind == "meso" else (0, 3, 5, 1, 2, 4)
-        t = t.permute(*order)
-        return t.reshape(b, t.shape[1] * t.shape[2], c, -1)
-
-    def _merge(self, t, shape):
-        b, c, hh, ww = shape
-        h, w = hh // WINDOW, ww // WINDOW
-        if self.kind == "meso":
-            x = t.view(b, h, w, c, WINDOW, WINDOW).permute(0, 3, 1, 4, 2, 5)
-        else:
-            x = t.view(b, WINDOW, WINDOW, c, h, w).permute(0, 3, 4, 1, 5, 2)
-        return x.reshape(shape)
-
-    def forward(self, x):
-        q, k, v = (self._split(t) for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
-        return self.project_out(self._merge(attn @ v, x.shape))
+    def forward(self, x, residual: Optional[torch.Tensor] = None):
+        """NHWC in and out; with ``residual`` returns ``residual + CA(x)`` (one pass fewer)."""
+        layout = "meso" if self.kind == "meso" else "grid"
+        c = x.shape[-1]
+        t = to_tokens(conv_nhwc(self.qkv_dwconv, conv_nhwc(self.qkv, x)), layout)  # (G, pixels, 3C)
+        q, k, v = t.chunk(3, dim=-1)
+        # q, k L2-normalised along pixels: the Gram matrix divided by the norms
+        norms = t[..., : 2 * c].square().sum(dim=1).sqrt().clamp_min(1e-12)  # (G, 2C)
+        scale = self.temperature / (norms[:, :c, None] * norms[:, None, c:])
+        attn = (q.transpose(1, 2) @ k * scale).softmax(dim=-1)  # (G, C, C)
+        y = pointwise(v @ attn.transpose(1, 2), self.project_out.weight)
+        if residual is None:
+            return from_tokens(y, layout, x.shape)
+        return add_tokens(residual, y, layout)
 
 
 class CAM(nn.Module):
@@ -244,10 +358,10 @@ class CAM(nn.Module):
         self.norm4, self.gfn2 = LayerNorm2d(dim), GFN(dim)
 
     def forward(self, x):
-        x = x + self.ca_meso(self.norm1(x))
-        x = x + self.gfn1(self.norm2(x))
-        x = x + self.ca_glob(self.norm3(x))
-        return x + self.gfn2(self.norm4(x))
+        x = self.ca_meso(self.norm1(x), residual=x)
+        x = self.gfn1(self.norm2(x), residual=x)
+        x = self.ca_glob(self.norm3(x), residual=x)
+        return self.gfn2(self.norm4(x), residual=x)
 
 
 class ESA(nn.Module):
@@ -261,16 +375,17 @@ class ESA(nn.Module):
         self.conv3 = nn.Conv2d(f, f, 3, padding=1)
         self.conv4 = nn.Conv2d(f, dim, 1)
 
-    def forward(self, x):  # needs H, W >= 15 (the network pads to at least 16)
-        c1 = self.conv1(x)
-        m = F.max_pool2d(self.conv2(c1), kernel_size=7, stride=3)
-        c3 = F.interpolate(self.conv3(m), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return x * torch.sigmoid(self.conv4(c3 + self.conv_f(c1)))
+    def forward(self, x):  # NHWC; needs H, W >= 15 (the network pads to at least 16)
+        c1 = conv_nhwc(self.conv1, x)
+        m = F.max_pool2d(self.conv2(_nchw(c1)), kernel_size=7, stride=3)
+        c3 = F.interpolate(self.conv3(m), size=x.shape[1:3], mode="bilinear", align_corners=False)
+        return x * pointwise(pointwise(c1, self.conv_f.weight, self.conv_f.bias, add=_nhwc(c3)),
+                             self.conv4.weight, self.conv4.bias, act="sigmoid")
 
 
 # ---------------------------------------------------------------- distillation block
 class IDB(nn.Module):
-    """Information distillation block.
+    """Information distillation block (NHWC in and out).
 
     ``computes``: which of its three SAMs compute attention matrices (the others
     reuse the matrices passed in, or, with intra-block sharing, those of SAM1).
@@ -307,27 +422,30 @@ class IDB(nn.Module):
             out.extend(mats)
             return t
 
+        def pw(conv, parts):
+            return conv_nhwc(conv, torch.cat(parts, -1))
+
         if self.split:
             x = self.lm1(x)                                    # step 1: 4q
-            x = self.pw1(torch.cat([sam(0, self.sam1, x[:, q:]), x[:, :q]], 1))
-            r1 = x[:, :q]
-            x = self.lm2(x[:, q:])                             # step 2: 3q
-            x = self.pw2(torch.cat([sam(1, self.sam2, x[:, q:]), x[:, :q]], 1))
-            r2 = x[:, :q]
-            x = self.lm3(x[:, q:])                             # step 3: 2q
-            x = self.pw3(torch.cat([r1, r2, sam(2, self.sam3, x[:, q:]), x[:, :q]], 1))
+            x = pw(self.pw1, [sam(0, self.sam1, x[..., q:]), x[..., :q]])
+            r1 = x[..., :q]
+            x = self.lm2(x[..., q:])                           # step 2: 3q
+            x = pw(self.pw2, [sam(1, self.sam2, x[..., q:]), x[..., :q]])
+            r2 = x[..., :q]
+            x = self.lm3(x[..., q:])                           # step 3: 2q
+            x = pw(self.pw3, [r1, r2, sam(2, self.sam3, x[..., q:]), x[..., :q]])
         else:
             x = sam(0, self.sam1, self.lm1(x))                 # 4q
-            r1 = x[:, :q]
-            x = sam(1, self.sam2, self.lm2(x[:, q:]))          # 3q
-            r2 = x[:, :q]
-            x = sam(2, self.sam3, self.lm3(x[:, q:]))          # 2q
-            x = self.pw3(torch.cat([r1, r2, x], 1))
+            r1 = x[..., :q]
+            x = sam(1, self.sam2, self.lm2(x[..., q:]))        # 3q
+            r2 = x[..., :q]
+            x = sam(2, self.sam3, self.lm3(x[..., q:]))        # 2q
+            x = pw(self.pw3, [r1, r2, x])
         return self.cam(x), out
 
     def forward(self, x, shared: Matrices):
         y, mats = self.distill(x, shared)
-        return self.esa(x + self.conv(y)), mats
+        return self.esa(pointwise(y, self.conv.weight, self.conv.bias, add=x)), mats
 
 
 class SerialBlock(nn.Module):
@@ -343,7 +461,7 @@ class SerialBlock(nn.Module):
 
     def forward(self, x, shared: Matrices):
         y, mats = self.sam(self.lm(x))
-        return self.esa(x + self.conv(self.cam(y))), list(mats)
+        return self.esa(pointwise(self.cam(y), self.conv.weight, self.conv.bias, add=x)), list(mats)
 
 
 # ----------------------------------------------------------------------------- network
@@ -380,15 +498,17 @@ class ASID(SRNet):
     @staticmethod
     def pad(x: torch.Tensor) -> torch.Tensor:
         """Zero-pad bottom/right to a multiple of 8 and to at least 16 px (ESA's minimum);
-        for every input the release accepts this is exactly the release's padding."""
+        for every input the release accepts this is exactly the release's padding.
+        (Written with ``sym_max`` and no branch, so that export keeps H and W symbolic.)"""
         h, w = x.shape[-2:]
-        ph = max(-(-h // WINDOW) * WINDOW, 2 * WINDOW) - h
-        pw = max(-(-w // WINDOW) * WINDOW, 2 * WINDOW) - w
-        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+        ph = torch.sym_max((h + WINDOW - 1) // WINDOW * WINDOW, 2 * WINDOW) - h
+        pw = torch.sym_max((w + WINDOW - 1) // WINDOW * WINDOW, 2 * WINDOW) - w
+        return F.pad(x, (0, pw, 0, ph))
 
     def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Matrices]:
-        """Deep features of a padded input, and the attention matrices of the first block."""
-        f0 = self.head(x)
+        """Deep features (NCHW, channels_last memory) of a padded NCHW input, and the
+        attention matrices of the first block."""
+        f0 = _nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
         shared: Matrices = [None] * 6
         first: Matrices = []
         y = f0
@@ -397,12 +517,15 @@ class ASID(SRNet):
             if i == 0:
                 first = mats
                 shared = mats
-        return self.fuse(y) + f0, first
+        return _nchw(conv_nhwc(self.fuse, y) + f0), first
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         feats, _ = self.features(self.pad(x))
-        return self.upsampler(feats)[..., : h * self.scale, : w * self.scale]
+        # the last conv in NCHW: oneDNN's channels_last kernel sums its 432 products per
+        # output in an order that loses about 1e-6 here, where nothing averages it out
+        y = self.upsampler(feats.contiguous())
+        return y[..., : h * self.scale, : w * self.scale].contiguous()
 
 
 @register_model("asid", paper="ASID (AAAI 2025)", description="ASID, 3 IDBs, 48 channels")

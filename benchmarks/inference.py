@@ -1,0 +1,326 @@
+"""Inference (and training) speed on this machine, measured side by side in one run.
+
+    python3 benchmarks/inference.py                              # everything (slow on 2 cores)
+    python3 benchmarks/inference.py --models asid --scales 4 --repeats 3
+    python3 benchmarks/inference.py --rows asid:4:fast,asid:4:plain --threads 1
+
+Each row runs in a fresh worker process (so that peak memory is that row's), which
+measures the machine's fp32 sgemm rate (2048^3 matrix product) interleaved with the
+model's runs: "% sgemm" is achieved GFLOP/s over that rate, both medians from the same
+minutes. FLOPs count every conv, linear and attention matmul (2 x MACs, see
+``distillsr.engine.profile``) for a 1280x720 output (x3: 1281x720).
+
+Implementations:
+  fast   distillsr's model (NHWC, fused oneDNN post-ops on the CPU, allocator tuned)
+  plain  benchmarks/asid_plain.py: the release's way (NCHW, rearrange copies), same
+         weights and outputs, default allocator
+  onnx   the exported graph (distillsr export) in onnxruntime
+Also: ASID x4 at a 3840x2160 output with tiled inference (engine.infer.tiled_forward),
+and training iterations/s of ASID x2 (fast path vs the plain forward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+ASID_SCALES = {"asid": (2, 3, 4), "asid-d8": (4,)}
+CNN = ("rfdn", "e-rfdn", "fdiwn", "fdiwn-m")
+
+
+# ----------------------------------------------------------------------------- worker side
+def _setup(threads):
+    sys.path[:0] = [str(SRC), str(HERE)]
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    return torch
+
+
+def _sgemm_once(torch, a, b):
+    t = time.perf_counter()
+    torch.mm(a, b)
+    return 2 * a.shape[0] ** 3 / (time.perf_counter() - t) / 1e9
+
+
+def _interleaved(torch, fn, repeats, warmup):
+    """Model times and sgemm rates, alternating, after warm-up."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    with torch.inference_mode():
+        torch.mm(a, b)
+        for _ in range(warmup):
+            fn()
+        times, rates = [], []
+        for _ in range(repeats):
+            rates.append(max(_sgemm_once(torch, a, b) for _ in range(2)))
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        rates.append(max(_sgemm_once(torch, a, b) for _ in range(2)))
+    return sorted(times), rates
+
+
+def worker_infer(spec):
+    torch = _setup(spec["threads"])
+    import distillsr
+    from distillsr.engine.profile import count_cost, input_size_for_output, peak_memory, tune_cpu_allocator
+    name, scale, impl = spec["model"], spec["scale"], spec["impl"]
+    if impl == "fast":
+        tune_cpu_allocator()
+    torch.manual_seed(0)
+    model = distillsr.create_model(name, scale).eval()
+    out_w, out_h = spec["size"]
+    w, h = input_size_for_output(out_w, out_h, scale)
+    cost = count_cost(model, (1, 3, h, w))
+    x = torch.rand(1, 3, h, w)
+    rss0 = _rss()
+    if impl == "fast":
+        fn = lambda: model(x)  # noqa: E731
+    elif impl == "plain":
+        import asid_plain
+        fn = lambda: asid_plain.forward(model, x)  # noqa: E731
+    elif impl == "onnx":
+        from distillsr.engine.onnx_backend import OnnxModel, cached_export
+        runner = OnnxModel(cached_export(model), threads=torch.get_num_threads())
+        fn = lambda: runner(x)  # noqa: E731
+    else:
+        raise ValueError(impl)
+    if spec.get("tiled"):
+        from distillsr.engine.infer import tiled_forward
+        tile, overlap = spec["tiled"]
+        fn = lambda: tiled_forward(model, x, scale, tile, overlap)  # noqa: E731
+    times, rates = _interleaved(torch, fn, spec["repeats"], spec["warmup"])
+    with torch.inference_mode():
+        peak = peak_memory(fn)
+    med_t, med_r = statistics.median(times), statistics.median(rates)
+    return {"model": name, "scale": scale, "impl": impl, "threads": torch.get_num_threads(),
+            "input": [w, h], "output": list(cost.output_shape[2:][::-1]), "flops": cost.flops,
+            "macs": cost.macs, "times": times, "median_s": med_t, "sgemm_gflops": rates,
+            "sgemm_median": med_r, "gflops": cost.flops / med_t / 1e9,
+            "pct_sgemm": 100 * cost.flops / med_t / 1e9 / med_r, "peak_rss": peak, "rss_before": rss0,
+            "tiled": spec.get("tiled")}
+
+
+def worker_export(spec):
+    """Export (or find in the cache) the ONNX file of a row, apart from the timed worker."""
+    torch = _setup(spec["threads"])
+    import distillsr
+    from distillsr.engine.onnx_backend import cached_export
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    path = cached_export(distillsr.create_model(spec["model"], spec["scale"]).eval())
+    return {"path": str(path), "seconds": time.perf_counter() - t}
+
+
+def worker_train(spec):
+    torch = _setup(spec["threads"])
+    import distillsr
+    import torch.nn.functional as F
+    from distillsr.engine.profile import tune_cpu_allocator
+    impl, batch, iters = spec["impl"], spec["batch"], spec["repeats"]
+    if impl != "plain":
+        tune_cpu_allocator()
+    torch.manual_seed(0)
+    model = distillsr.create_model("asid", 2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=1e-4)
+    x = torch.rand(batch, 3, 64, 64)
+    y = torch.rand(batch, 3, 128, 128)
+    if impl == "plain":
+        import asid_plain
+        forward = lambda inp: asid_plain.forward(model, inp)  # noqa: E731
+    else:
+        forward = model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.l1_loss(forward(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"impl": impl, "batch": batch, "threads": torch.get_num_threads(), "times": sorted(times),
+            "median_s": med, "iters_per_s": 1 / med}
+
+
+def _rss():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- driver side
+def run_worker(spec, omp_wait="PASSIVE", timeout=3600):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    if omp_wait:
+        env["OMP_WAIT_POLICY"] = omp_wait
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail), **spec}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mb(n):
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def _load():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="asid,asid-d8,cnn",
+                   help="comma list: asid, asid-d8, cnn (all CNN models present), or model names")
+    p.add_argument("--scales", default=None, help="comma list of scales for asid (default 2,3,4)")
+    p.add_argument("--impls", default="fast,plain,onnx", help="comma list of fast, plain, onnx")
+    p.add_argument("--rows", default=None, help="explicit rows model:scale:impl,... (overrides the above)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--size", default="1280x720", help="output size (default 1280x720)")
+    p.add_argument("--train-batch", type=int, default=16, help="training benchmark batch (0: skip)")
+    p.add_argument("--train-iters", type=int, default=3)
+    p.add_argument("--no-4k", action="store_true", help="skip the tiled 3840x2160 x4 row")
+    p.add_argument("--tile", type=int, default=256, help="LR tile side for the 4K row (default 256)")
+    p.add_argument("--omp-wait", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a shared machine, spinning "
+                        "OpenMP threads wait for descheduled ones at every op; '' keeps the environment's)")
+    p.add_argument("--json", help="write all results as JSON")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        kind = "train" if spec.get("train") else "export" if spec.get("export") else "infer"
+        result = {"train": worker_train, "export": worker_export, "infer": worker_infer}[kind](spec)
+        print(json.dumps(result))
+        return 0
+
+    sys.path[:0] = [str(SRC)]
+    import distillsr
+    from distillsr.engine.profile import parse_size
+    size = parse_size(args.size)
+    known = set(distillsr.list_models())
+    impls = [i for i in args.impls.split(",") if i]
+    rows = []
+    if args.rows:
+        for r in args.rows.split(","):
+            m, s, i = r.split(":")
+            rows.append((m, int(s), i))
+    else:
+        for m in [m.strip() for m in args.models.split(",") if m.strip()]:
+            if m == "cnn":
+                rows += [(c, 4, "fast") for c in CNN if c in known]
+                continue
+            if m not in known:
+                print(f"skipping {m}: not in this build", file=sys.stderr)
+                continue
+            scales = ([int(s) for s in args.scales.split(",")] if args.scales and m == "asid"
+                      else ASID_SCALES.get(m, (4,)))
+            for s in scales:
+                rows += [(m, s, i) for i in impls if i != "plain" or m in ASID_SCALES]
+    load0 = _load()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads "
+          f"{args.threads or 'default'}, OMP_WAIT_POLICY={args.omp_wait or os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average at start {load0}", flush=True)
+    results = []
+    for m, s, i in rows:
+        spec = {"model": m, "scale": s, "impl": i, "threads": args.threads, "repeats": args.repeats,
+                "warmup": args.warmup, "size": list(size)}
+        if i == "onnx":
+            e = run_worker({**spec, "export": True}, args.omp_wait)
+            if "error" in e:
+                print(f"{m} x{s} export: ERROR {e['error']}", flush=True)
+            elif e["seconds"] > 1:
+                print(f"exported {m} x{s} to {e['path']} in {e['seconds']:.0f} s", flush=True)
+        results.append(run_worker(spec, args.omp_wait))
+        _print_row(results[-1])
+    if not args.no_4k and "asid" in known:
+        spec = {"model": "asid", "scale": 4, "impl": "fast", "threads": args.threads, "repeats": 1,
+                "warmup": 0, "size": [3840, 2160], "tiled": [args.tile, 24]}
+        results.append(run_worker(spec, args.omp_wait))
+        _print_row(results[-1])
+    train = []
+    if args.train_batch:
+        for i in ("fast", "plain"):
+            spec = {"train": True, "impl": i, "threads": args.threads, "batch": args.train_batch,
+                    "repeats": args.train_iters, "warmup": 1}
+            train.append(run_worker(spec, args.omp_wait))
+            t = train[-1]
+            if "error" in t:
+                print(f"train {i}: ERROR {t['error']}", flush=True)
+            else:
+                print(f"train ASID x2 {i:5s} batch {t['batch']} 64x64: {t['iters_per_s']:.3f} it/s "
+                      f"({t['median_s']:.2f} s/it)", flush=True)
+    print(f"# load average at end {_load()}")
+    print()
+    print(markdown(results, train))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_start": load0, "load_end": _load(), "rows": results,
+                                               "train": train}, indent=1))
+    return 0
+
+
+def _print_row(r):
+    if "error" in r:
+        print(f"{r['model']} x{r['scale']} {r['impl']}: ERROR {r['error']}", flush=True)
+        return
+    tiled = f" tiled {r['tiled'][0]}" if r.get("tiled") else ""
+    print(f"{r['model']} x{r['scale']} {r['impl']}{tiled} ({r['threads']} thr): {r['median_s']:.3f} s, "
+          f"{r['gflops']:.1f} GFLOP/s, sgemm {r['sgemm_median']:.1f} -> {r['pct_sgemm']:.0f}%, "
+          f"peak RSS {_mb(r['peak_rss'])} MiB", flush=True)
+
+
+def markdown(results, train):
+    lines = ["| model | output | impl | threads | latency (s) | GFLOP/s | sgemm GFLOP/s | % of sgemm | "
+             "speed-up vs plain | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    plain = {(r["model"], r["scale"]): r["median_s"] for r in results
+             if "error" not in r and r["impl"] == "plain" and not r.get("tiled")}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} x{r['scale']} | | {r['impl']} | | error | | | | | |")
+            continue
+        base = plain.get((r["model"], r["scale"]))
+        up = f"{base / r['median_s']:.2f}x" if base and not r.get("tiled") else ""
+        impl = r["impl"] + (f", tiles {r['tiled'][0]}" if r.get("tiled") else "")
+        lines.append(f"| {r['model']} x{r['scale']} | {r['output'][0]}x{r['output'][1]} | {impl} | {r['threads']} | "
+                     f"{r['median_s']:.3f} | {r['gflops']:.1f} | {r['sgemm_median']:.1f} | {r['pct_sgemm']:.0f}% | "
+                     f"{up} | {_mb(r['peak_rss'])} |")
+    if train:
+        lines += ["", "| training ASID x2, 64x64 LR | batch | threads | s/iter | iters/s | speed-up |",
+                  "|---|---|---|---|---|---|"]
+        base = next((t["median_s"] for t in train if t.get("impl") == "plain" and "error" not in t), None)
+        for t in train:
+            if "error" in t:
+                continue
+            up = f"{base / t['median_s']:.2f}x" if base else ""
+            lines.append(f"| {t['impl']} | {t['batch']} | {t['threads']} | {t['median_s']:.2f} | "
+                         f"{t['iters_per_s']:.3f} | {up} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
