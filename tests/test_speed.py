@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import distillsr
+from distillsr import kernels
 from distillsr.models.asid import fused_kernels
 from conftest import REPO, shared_path
 
@@ -35,13 +36,18 @@ def test_every_path_reproduces_the_official_outputs(arch, scale):
     ref = _load(_fixture(f"{arch}_x{scale}_out_37x45.npy"))
     plain = _plain()
     with torch.inference_mode():
-        fused = model.forward_native(x)
+        fused = model.forward_native(x)  # oneDNN post-ops and the C kernels
         with fused_kernels(False):
             unfused = model.forward_native(x)
+        kernels.enabled = False
+        try:
+            onednn_only = model.forward_native(x)
+        finally:
+            kernels.enabled = True
         baseline = plain.forward_native(model, x)
     with torch.enable_grad():  # the training path: autograd through plain ops
         trained = model.forward_native(x).detach()
-    for got in (fused, unfused, baseline, trained):
+    for got in (fused, unfused, onednn_only, baseline, trained):
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 

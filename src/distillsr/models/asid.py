@@ -23,12 +23,14 @@ through ``distillsr.convert.asid``; this file uses our own names.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..registry import register_model
 from .base import SRNet
 
@@ -54,16 +56,20 @@ def _nhwc(y: torch.Tensor) -> torch.Tensor:
 
 
 # Fused CPU kernels. In inference on the CPU (no autograd, no tracing or export) a
-# matrix product or conv and what follows it (GELU, sigmoid, a residual add, the gate
-# of the GFN) run as one oneDNN primitive with post-ops, which saves a pass over the
-# map each. Everywhere else (training, CUDA, export) the same ops run one by one.
+# matrix product or conv and what follows it (GELU, sigmoid, a residual add) run as one
+# oneDNN primitive with post-ops, which saves a pass over the map each; and in float32
+# the memory-bound steps run in our C kernels (``distillsr.kernels``): LayerNorm written
+# straight into window order, the residual add from windows fused with the next
+# LayerNorm, depthwise convs with GELU or the GFN gate, written where the next step
+# reads them. Everywhere else (training, CUDA, export) the same ops run one by one.
 _MKLDNN = getattr(torch.ops, "mkldnn", None)
 _HAS_FUSED = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
               and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_convolution_pointwise"))
 
 
 class fused_kernels:
-    """``with fused_kernels(False):`` runs the plain op-by-op path (used by export)."""
+    """``with fused_kernels(False):`` runs the plain op-by-op path (used by export), with
+    neither oneDNN post-ops nor the C kernels."""
 
     enabled = True
 
@@ -82,6 +88,11 @@ def _fusable(x: torch.Tensor) -> bool:
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def _ckernels(x: torch.Tensor) -> bool:
+    """The C kernels of ``distillsr.kernels`` (CPU float32 inference) apply to ``x``."""
+    return fused_kernels.enabled and kernels.available(x)
 
 
 def _act(y: torch.Tensor, act: Optional[str]) -> torch.Tensor:
@@ -144,6 +155,8 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if _ckernels(x):
+            return kernels.layer_norm(x, self)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
@@ -159,7 +172,10 @@ class GFN(nn.Module):
     def forward(self, x, residual: Optional[torch.Tensor] = None):
         """NHWC; with ``residual`` returns ``residual + GFN(x)``."""
         d = self.project_out.in_channels
-        if _fusable(x):  # each half through its own dwconv: GELU and the gate fused into it
+        if _ckernels(x):  # one product, then both dwconvs, GELU and gate in one pass
+            h, w = pointwise(x, self.project_in.weight), self.dwconv.weight
+            g = kernels.dwconv3x3(h[..., :d], w[:d], act="gelu", gate=(h[..., d:], w[d:]))
+        elif _fusable(x):  # each half through its own dwconv: GELU and the gate fused into it
             w = self.project_in.weight
             x1 = conv_nhwc(self.dwconv, pointwise(x, w[:d]), act="gelu", channels=slice(0, d))
             g = conv_nhwc(self.dwconv, pointwise(x, w[d:]), mul=x1, channels=slice(d, 2 * d))
@@ -243,6 +259,22 @@ def from_tokens(t: torch.Tensor, kind: str, shape: Sequence[int]) -> torch.Tenso
     return t.view([six[i] for i in perm]).permute(*inverse).reshape(shape)
 
 
+def norm_tokens(x: torch.Tensor, norm: nn.Module, kind: str) -> torch.Tensor:
+    """``norm(to_tokens(x, kind))`` for a LayerNorm over channels (one pass with the kernels)."""
+    if _ckernels(x):
+        return kernels.layer_norm(x, norm, kind)
+    return norm(to_tokens(x, kind))
+
+
+def add_tokens_norm(x: torch.Tensor, t: torch.Tensor, kind: str,
+                    norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``y = add_tokens(x, t, kind)`` and ``norm(y)`` (one pass with the kernels)."""
+    if _ckernels(x):
+        return kernels.add_tokens_norm(x, t, kind, norm)
+    y = add_tokens(x, t, kind)
+    return y, norm(y)
+
+
 def relative_position_index(n: int = WINDOW) -> torch.Tensor:
     """(n*n, n*n) index into a (2n-1)^2 bias table: (yi - yj + n-1) * (2n-1) + (xi - xj + n-1)."""
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -275,15 +307,21 @@ class WindowAttention(nn.Module):
 
     def forward(self, t: torch.Tensor, shared: Optional[torch.Tensor] = None):
         """t: (windows, 64, d) normalised tokens -> (projected output, attention matrix)."""
+        if not self.computes and shared is None:
+            raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
+        w_v = self.qkv.weight[2 * self.proj.in_features:] if self.computes else self.v.weight
+        # proj(A (t W_v^T)) = A (t (W_proj W_v)^T): in inference one product instead of two
+        merge = not torch.is_grad_enabled()
+        w_out = self.proj.weight @ w_v if merge else w_v
         if self.computes:
-            q, k, v = pointwise(t, self.qkv.weight).chunk(3, dim=-1)  # strided views, no copies
+            d = self.proj.in_features
+            q, k, v = pointwise(t, torch.cat([self.qkv.weight[:2 * d], w_out])).chunk(3, dim=-1)
             bias = self.rel_pos_bias[self.rel_pos_index]
             attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
         else:
-            if shared is None:
-                raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-            v, attn = pointwise(t, self.v.weight), shared
-        return pointwise(torch.bmm(attn, v), self.proj.weight), attn
+            v, attn = pointwise(t, w_out), shared
+        y = torch.bmm(attn, v)
+        return (y if merge else pointwise(y, self.proj.weight)), attn
 
 
 class AttentionUnit(nn.Module):
@@ -299,9 +337,9 @@ class AttentionUnit(nn.Module):
         self.gfn = GFN(dim)
 
     def forward(self, x, shared: Optional[torch.Tensor] = None):
-        y, attn = self.attn(self.norm1(to_tokens(x, self.kind)), shared)
-        x = add_tokens(x, y, self.kind)
-        return self.gfn(self.norm2(x), residual=x), attn
+        y, attn = self.attn(norm_tokens(x, self.norm1, self.kind), shared)
+        x, z = add_tokens_norm(x, y, self.kind, self.norm2)
+        return self.gfn(z, residual=x), attn
 
 
 class SAM(nn.Module):
@@ -331,20 +369,33 @@ class ChannelAttention(nn.Module):
         self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
         self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
 
-    def forward(self, x, residual: Optional[torch.Tensor] = None):
-        """NHWC in and out; with ``residual`` returns ``residual + CA(x)`` (one pass fewer)."""
+    def qkv_tokens(self, x):
+        """q, k, v (1x1 conv, depthwise 3x3) of an NHWC map, each (groups, pixels, C)."""
+        layout, c = ("meso" if self.kind == "meso" else "grid"), x.shape[-1]
+        if _ckernels(x):  # the dwconvs write tokens directly
+            h, w = pointwise(x, self.qkv.weight), self.qkv_dwconv.weight
+            return [kernels.dwconv3x3(h[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
+                    for i in range(3)]
+        return to_tokens(conv_nhwc(self.qkv_dwconv, conv_nhwc(self.qkv, x)), layout).chunk(3, dim=-1)
+
+    def forward(self, x, residual: torch.Tensor, norm: Optional[nn.Module] = None):
+        """``residual + CA(x)`` (NHWC); with ``norm`` returns ``(that, norm(that))``."""
         layout = "meso" if self.kind == "meso" else "grid"
-        c = x.shape[-1]
-        t = to_tokens(conv_nhwc(self.qkv_dwconv, conv_nhwc(self.qkv, x)), layout)  # (G, pixels, 3C)
-        q, k, v = t.chunk(3, dim=-1)
+        q, k, v = self.qkv_tokens(x)
         # q, k L2-normalised along pixels: the Gram matrix divided by the norms
-        norms = t[..., : 2 * c].square().sum(dim=1).sqrt().clamp_min(1e-12)  # (G, 2C)
-        scale = self.temperature / (norms[:, :c, None] * norms[:, None, c:])
-        attn = (q.transpose(1, 2) @ k * scale).softmax(dim=-1)  # (G, C, C)
-        y = pointwise(v @ attn.transpose(1, 2), self.project_out.weight)
-        if residual is None:
-            return from_tokens(y, layout, x.shape)
-        return add_tokens(residual, y, layout)
+        l2 = kernels.token_norms if _ckernels(q) else partial(torch.linalg.vector_norm, dim=1)
+        nq, nk = (l2(z).clamp_min(1e-12) for z in (q, k))  # (G, C)
+        attn = (q.transpose(1, 2) @ k * (self.temperature / (nq[:, :, None] * nk[:, None, :])))
+        attn = attn.softmax(dim=-1)  # (G, C, C)
+        w_out = self.project_out.weight.flatten(1)
+        if layout == "grid" and not torch.is_grad_enabled():
+            # 64 groups: project_out (W_o) folded into the 64 small matrices, W_o A^T
+            y = v @ (w_out @ attn).transpose(1, 2)
+        else:
+            y = pointwise(v @ attn.transpose(1, 2), w_out)
+        if norm is None:
+            return add_tokens(residual, y, layout)
+        return add_tokens_norm(residual, y, layout, norm)
 
 
 class CAM(nn.Module):
@@ -358,10 +409,10 @@ class CAM(nn.Module):
         self.norm4, self.gfn2 = LayerNorm2d(dim), GFN(dim)
 
     def forward(self, x):
-        x = self.ca_meso(self.norm1(x), residual=x)
-        x = self.gfn1(self.norm2(x), residual=x)
-        x = self.ca_glob(self.norm3(x), residual=x)
-        return self.gfn2(self.norm4(x), residual=x)
+        x, z = self.ca_meso(self.norm1(x), x, norm=self.norm2)
+        x = self.gfn1(z, residual=x)
+        x, z = self.ca_glob(self.norm3(x), x, norm=self.norm4)
+        return self.gfn2(z, residual=x)
 
 
 class ESA(nn.Module):

@@ -1,0 +1,212 @@
+"""Fused CPU kernels for inference on NHWC float32 maps, compiled on first use.
+
+``nhwc.c`` holds a few memory-bound steps of ASID that PyTorch runs as several passes
+over a map (or slowly, for maps of 12-48 channels): LayerNorm over channels written
+straight into window/grid token order, the residual add back from tokens fused with the
+next LayerNorm, and depthwise 3x3 convs with GELU or the GFN's gate. The C file is
+compiled once with the system C compiler (``cc -O3 -march=native -fopenmp``) into
+``$DISTILLSR_CACHE/kernels`` (default ``~/.cache/distillsr/kernels``) and loaded with
+ctypes. Without a compiler, or with ``DISTILLSR_KERNELS=0``, ``available()`` is False
+and the models run their PyTorch path: same results (to rounding), slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("nhwc.c")
+LAYOUTS = {"image": 0, "meso": 1, "global": 2, "grid": 3}
+MAX_CHANNELS = 256  # MAX_C in nhwc.c
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+enabled = True  # ``kernels.enabled = False`` turns them off at run time (tests, benchmarks)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DISTILLSR_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "distillsr") / "kernels"
+
+
+def _compile() -> Optional[Path]:
+    source = SOURCE.read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: fused CPU kernels off")
+        return None
+    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / f"nhwc-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob("nhwc-*.so"):  # builds of older sources or flags
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.info("compiling %s failed (%s): fused CPU kernels off", SOURCE.name,
+                 detail.decode(errors="replace")[-500:] or e)
+        Path(tmp).unlink(missing_ok=True)
+        return None
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("DISTILLSR_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    path = _compile()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.info("loading %s failed (%s): fused CPU kernels off", path, e)
+        return None
+    P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+    lib.layer_norm.argtypes = [P, L, P, I, I, I, I, P, P, F, I, I]
+    lib.add_tokens_norm.argtypes = [P, L, P, P, P, I, I, I, I, P, P, F, I, I]
+    lib.dwconv3x3.argtypes = [P, L, P, P, P, P, P, I, I, I, I, I, I, I]
+    lib.token_norms.argtypes = [P, P, L, L, I, I]
+    for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms):
+        f.restype = None
+    _lib = lib
+    return lib
+
+
+def built() -> bool:
+    """Whether the kernels are compiled and loaded here (compiling them on the first call)."""
+    return _load() is not None
+
+
+def available(x: torch.Tensor) -> bool:
+    """True where the kernels apply to ``x``: CPU float32 inference (no autograd, tracing
+    or compiling), and the kernels compiled."""
+    return (enabled and type(x) is torch.Tensor and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and _load() is not None)
+
+
+def _kernels() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the fused CPU kernels are not available (see distillsr.kernels)")
+    return lib
+
+
+def _pixels(x: torch.Tensor):
+    """(B, H, W, C) map whose pixels are evenly spaced rows with unit channel stride."""
+    b, h, w, c = x.shape
+    s = x.stride()
+    if s[3] != 1 or s[2] < c or s[1] != w * s[2] or s[0] != h * s[1]:
+        x = x.contiguous()
+        s = x.stride()
+    return x, s[2]
+
+
+def _f32(t: Optional[torch.Tensor]):
+    return None if t is None else t.detach().contiguous().float()
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _tokens_shape(shape, layout: str):
+    b, h, w, c = shape
+    if layout == "image":
+        return (b, h, w, c)
+    groups = b * 64 if layout == "grid" else b * (h // 8) * (w // 8)
+    return (groups, h * w * b // groups, c)
+
+
+def layer_norm(x: torch.Tensor, norm, layout: str = "image") -> torch.Tensor:
+    """``norm`` (a LayerNorm over channels) of the NHWC map ``x``, written in ``layout``
+    token order (as ``to_tokens(norm(x), layout)``)."""
+    x, xs = _pixels(x)
+    b, h, w, c = x.shape
+    y = torch.empty(_tokens_shape(x.shape, layout), dtype=x.dtype)
+    weight, bias = _f32(norm.weight), _f32(norm.bias)
+    _kernels().layer_norm(x.data_ptr(), xs, y.data_ptr(), b, h, w, c, weight.data_ptr(), bias.data_ptr(),
+                    norm.eps, LAYOUTS[layout], torch.get_num_threads())
+    return y
+
+
+def add_tokens_norm(x: torch.Tensor, t: torch.Tensor, layout: str, norm=None):
+    """``y = x + from_tokens(t, layout)`` and ``norm(y)`` in one pass (NHWC);
+    returns ``(y, norm(y))``, or ``y`` when ``norm`` is None."""
+    x, xs = _pixels(x)
+    b, h, w, c = x.shape
+    t = t.contiguous()
+    y = torch.empty((b, h, w, c), dtype=x.dtype)
+    z = None if norm is None else torch.empty_like(y)
+    weight, bias = (None, None) if norm is None else (_f32(norm.weight), _f32(norm.bias))
+    _kernels().add_tokens_norm(x.data_ptr(), xs, t.data_ptr(), y.data_ptr(), _ptr(z), b, h, w, c,
+                         _ptr(weight), _ptr(bias), norm.eps if norm is not None else 0.0,
+                         LAYOUTS[layout], torch.get_num_threads())
+    return y if norm is None else (y, z)
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) depthwise weight -> (9, C)."""
+    return weight.detach().float().reshape(weight.shape[0], 9).t().contiguous()
+
+
+def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              act: Optional[str] = None, gate: Optional[tuple] = None,
+              layout: str = "image") -> torch.Tensor:
+    """Depthwise 3x3 conv (padding 1) of an NHWC map, ``act`` None or "gelu", output in
+    ``layout`` token order. ``gate=(x2, weight2)``: returns ``act(conv(x)) * conv2(x2)``."""
+    if act not in (None, "gelu"):
+        raise ValueError(f"unsupported activation {act!r}")
+    if x.shape[-1] > MAX_CHANNELS:
+        raise ValueError(f"dwconv3x3 takes at most {MAX_CHANNELS} channels, not {x.shape[-1]}")
+    x, xs = _pixels(x)
+    b, h, w, c = x.shape
+    x2 = w2 = None
+    if gate is not None:
+        x2, w2 = gate
+        x2, xs2 = _pixels(x2)
+        if x2.shape != x.shape or xs2 != xs:
+            raise ValueError("the gate's input must be laid out as the conv's")
+        w2 = _taps(w2)
+    y = torch.empty(_tokens_shape(x.shape, layout), dtype=x.dtype)
+    taps, bias = _taps(weight), _f32(bias)  # kept alive through the call
+    _kernels().dwconv3x3(x.data_ptr(), xs, taps.data_ptr(), _ptr(bias), _ptr(x2), _ptr(w2),
+                   y.data_ptr(), b, h, w, c, 1 if act == "gelu" else 0, LAYOUTS[layout],
+                   torch.get_num_threads())
+    return y
+
+
+def token_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm over the tokens of each group: (G, P, C) -> (G, C)."""
+    g, p, c = t.shape
+    if c > MAX_CHANNELS:
+        return torch.linalg.vector_norm(t, dim=1)
+    t = t.contiguous()
+    out = torch.empty((g, c), dtype=t.dtype)
+    _kernels().token_norms(t.data_ptr(), out.data_ptr(), g, p, c, torch.get_num_threads())
+    return out
+

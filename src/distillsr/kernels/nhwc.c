@@ -1,0 +1,255 @@
+/* Fused CPU kernels for ASID inference on NHWC float32 maps (see kernels/__init__.py).
+ *
+ * A map is B x H x W pixels of C channels; pixel (b, i, j) starts at
+ * x + ((b*H + i)*W + j)*xs (xs >= C: a map can be a channel slice of a wider one).
+ * Outputs are contiguous rows of C floats. "layout" says which row pixel (b, i, j)
+ * goes to when a kernel writes tokens (the order of distillsr.models.asid.to_tokens),
+ * with h = H/8, w = W/8:
+ *   0 image   (b*H + i)*W + j
+ *   1 meso    8x8 window (i/8, j/8), member (i%8, j%8)
+ *   2 global  grid group (i%h, j%w), member (i/h, j/w)
+ *   3 grid    group (i%8, j%8), member (i/8, j/8), h*w members
+ * In all four the row is a sum of a part from (b, i) and a part from j.
+ * Loops run over image rows in parallel (OpenMP, `threads`); the work on one row is
+ * compiled separately for the usual channel counts so that it is fully vectorised.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define MAX_C 256 /* dwconv3x3: channels at most (the caller checks) */
+
+static long row_part(int layout, int b, int i, int H, int W) {
+    long h = H / 8, w = W / 8;
+    switch (layout) {
+    case 1: return ((long)b * h * w + (i / 8) * w) * 64 + (i % 8) * 8;
+    case 2: return ((long)b * h * w + (i % h) * w) * 64 + (i / h) * 8;
+    case 3: return ((long)b * 64 + (i % 8) * 8) * h * w + (i / 8) * w;
+    default: return ((long)b * H + i) * W;
+    }
+}
+
+static long col_part(int layout, int j, int H, int W) {
+    long h = H / 8, w = W / 8;
+    switch (layout) {
+    case 1: return (j / 8) * 64 + j % 8;
+    case 2: return (j % w) * 64 + j / w;
+    case 3: return (j % 8) * h * w + j / 8;
+    default: return j;
+    }
+}
+
+/* Calls ROW(c) with a compile-time channel count where it is a usual one. */
+#define BY_CHANNELS(C, ROW)                     \
+    switch (C) {                                \
+    case 12: ROW(12); break;                    \
+    case 16: ROW(16); break;                    \
+    case 24: ROW(24); break;                    \
+    case 32: ROW(32); break;                    \
+    case 36: ROW(36); break;                    \
+    case 48: ROW(48); break;                    \
+    case 64: ROW(64); break;                    \
+    default: ROW(C); break;                     \
+    }
+
+/* ------------------------------------------------------------------ LayerNorm */
+typedef float v4f __attribute__((vector_size(16)));
+
+/* sum of c[0 .. C), C a multiple of 4, in two 4-lane partial sums */
+ALWAYS_INLINE float sum4(const float *c, const int C) {
+    v4f a = {0}, b = {0}, v;
+    int k = 0;
+    for (; k + 8 <= C; k += 8) {
+        memcpy(&v, c + k, sizeof v); a += v;
+        memcpy(&v, c + k + 4, sizeof v); b += v;
+    }
+    if (k < C) { memcpy(&v, c + k, sizeof v); a += v; }
+    a += b;
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+ALWAYS_INLINE void norm_pixel(const float *x, float *out, const int C, const float *g,
+                              const float *be, float eps) {
+    float mean, rstd;
+    if (C % 4 == 0 && C <= MAX_C) {
+        float d[MAX_C];
+        mean = sum4(x, C) / C;
+        for (int c = 0; c < C; c++) { float t = x[c] - mean; d[c] = t * t; }
+        rstd = 1.f / sqrtf(sum4(d, C) / C + eps);
+    } else {
+        float s = 0.f, v = 0.f;
+        for (int c = 0; c < C; c++) s += x[c];
+        mean = s / C;
+        for (int c = 0; c < C; c++) { float t = x[c] - mean; v += t * t; }
+        rstd = 1.f / sqrtf(v / C + eps);
+    }
+    for (int c = 0; c < C; c++) out[c] = (x[c] - mean) * rstd * g[c] + be[c];
+}
+
+ALWAYS_INLINE void norm_row(const float *x, long xs, float *y, const long *cols, int W,
+                            const int C, const float *g, const float *be, float eps) {
+    for (int j = 0; j < W; j++) norm_pixel(x + j * xs, y + cols[j] * C, C, g, be, eps);
+}
+
+/* y[row(b, i, j)] = LayerNorm(x[b, i, j]) */
+void layer_norm(const float *x, long xs, float *y, int B, int H, int W, int C,
+                const float *g, const float *be, float eps, int layout, int threads) {
+    long cols[W];
+    for (int j = 0; j < W; j++) cols[j] = col_part(layout, j, H, W);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++) {
+        float *yr = y + row_part(layout, bi / H, bi % H, H, W) * C;
+        const float *xr = x + bi * W * xs;
+#define ROW(c) norm_row(xr, xs, yr, cols, W, c, g, be, eps)
+        BY_CHANNELS(C, ROW)
+#undef ROW
+    }
+}
+
+/* y[b, i, j] = x[b, i, j] + t[row(b, i, j)];  z = LayerNorm(y) (z NULL: the sum only) */
+ALWAYS_INLINE void add_norm_row(const float *x, long xs, const float *t, float *y, float *z,
+                                const long *cols, int W, const int C, const float *g,
+                                const float *be, float eps) {
+    for (int j = 0; j < W; j++) {
+        const float *xp = x + j * xs, *tp = t + cols[j] * C;
+        float *yp = y + (long)j * C;
+        for (int c = 0; c < C; c++) yp[c] = xp[c] + tp[c];
+        if (z) norm_pixel(yp, z + (long)j * C, C, g, be, eps);
+    }
+}
+
+void add_tokens_norm(const float *x, long xs, const float *t, float *y, float *z,
+                     int B, int H, int W, int C, const float *g, const float *be, float eps,
+                     int layout, int threads) {
+    long cols[W];
+    for (int j = 0; j < W; j++) cols[j] = col_part(layout, j, H, W);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++) {
+        const float *tr = t + row_part(layout, bi / H, bi % H, H, W) * C;
+        const float *xr = x + bi * W * xs;
+        float *yr = y + bi * W * C, *zr = z ? z + bi * W * C : NULL;
+#define ROW(c) add_norm_row(xr, xs, tr, yr, zr, cols, W, c, g, be, eps)
+        BY_CHANNELS(C, ROW)
+#undef ROW
+    }
+}
+
+/* ------------------------------------------------------------------ GELU */
+/* On 8 floats at a time with GCC vector types (a cast between them keeps the bits). */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+ALWAYS_INLINE v8f load8_(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+
+ALWAYS_INLINE v8f select8(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+/* e^x, x clamped to [-87, 88]: 2^n e^r with |r| <= ln2/2, degree-7 polynomial (about 1 ulp) */
+ALWAYS_INLINE v8f exp8(v8f x) {
+    const v8f lo = x - x - 87.0f, hi = x - x + 88.0f, shifter = x - x + 12582912.0f; /* 1.5 * 2^23 */
+    x = select8(x < lo, lo, x);
+    x = select8(x > hi, hi, x);
+    v8f t = x * 1.44269504088896341f + shifter; /* rounds x / ln2 to the integer n */
+    v8f n = t - shifter;
+    v8f r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    v8f p = r * 1.98412698e-4f + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v8i n_int = (v8i)t - (v8i)shifter;
+    return p * (v8f)((n_int + 127) << 23);
+}
+
+/* x/2 (1 + erf(x / sqrt 2)), erf as Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the
+ * approximation of ATen's vectorised CPU GELU */
+ALWAYS_INLINE v8f gelu8(v8f x) {
+    const v8i sign = (v8i)(x - x) + (int32_t)0x80000000;
+    v8f z = (v8f)((v8i)x & ~sign) * 0.70710678118654752f;
+    v8f t = 1.0f / (z * 0.3275911f + 1.0f);
+    v8f poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    v8f e = 1.0f - poly * exp8(-z * z);
+    e = (v8f)((v8i)e ^ ((v8i)x & sign)); /* erf is odd */
+    return 0.5f * x * (1.0f + e);
+}
+
+
+/* ------------------------------------------------------------------ depthwise 3x3 */
+/* GELU of a[0 .. n) in place; a has room for n rounded up to 8 */
+ALWAYS_INLINE void gelu_inplace(float *a, const int n) {
+    for (int c = 0; c < n; c += 8) {
+        v8f v = gelu8(load8_(a + c));
+        memcpy(a + c, &v, sizeof v);
+    }
+}
+
+/* acc += the 3 taps of kernel row `wr` (3 x C, tap-major) over input row `x` at column j */
+ALWAYS_INLINE void taps_of_row(float *acc, const float *x, long xs, const float *wr, int j, int W,
+                               const int C) {
+    const float *xc = x + j * xs;
+    if (j > 0)
+        for (int c = 0; c < C; c++) acc[c] += wr[c] * xc[c - xs];
+    for (int c = 0; c < C; c++) acc[c] += wr[C + c] * xc[c];
+    if (j < W - 1)
+        for (int c = 0; c < C; c++) acc[c] += wr[2 * C + c] * xc[c + xs];
+}
+
+/* one output row: act(dw(x) + bias) [* dw2(x2)], written at y + cols[j] * C */
+ALWAYS_INLINE void dw_row(const float *x, const float *x2, long xs, long rs, int top, int bottom,
+                          const float *wt, const float *wt2, const float *bias, float *y,
+                          const long *cols, int W, int act, const int C) {
+    float acc[MAX_C + 8] __attribute__((aligned(32))) = {0}, acc2[MAX_C];
+    for (int j = 0; j < W; j++) {
+        for (int c = 0; c < C; c++) acc[c] = bias ? bias[c] : 0.f;
+        if (top) taps_of_row(acc, x - rs, xs, wt, j, W, C);
+        taps_of_row(acc, x, xs, wt + 3 * C, j, W, C);
+        if (bottom) taps_of_row(acc, x + rs, xs, wt + 6 * C, j, W, C);
+        if (act) gelu_inplace(acc, C);
+        float *out = y + cols[j] * C;
+        if (x2) {
+            for (int c = 0; c < C; c++) acc2[c] = 0.f;
+            if (top) taps_of_row(acc2, x2 - rs, xs, wt2, j, W, C);
+            taps_of_row(acc2, x2, xs, wt2 + 3 * C, j, W, C);
+            if (bottom) taps_of_row(acc2, x2 + rs, xs, wt2 + 6 * C, j, W, C);
+            for (int c = 0; c < C; c++) out[c] = acc[c] * acc2[c];
+        } else {
+            for (int c = 0; c < C; c++) out[c] = acc[c];
+        }
+    }
+}
+
+/* Depthwise 3x3 conv, zero padding 1; wt (9, C) tap-major, bias may be NULL; act 1: GELU.
+ * With x2/wt2 (same pixels, no bias): out = act(dw(x)) * dw2(x2), the GFN gate. */
+void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
+               const float *x2, const float *wt2, float *y, int B, int H, int W, int C,
+               int act, int layout, int threads) {
+    long cols[W];
+    for (int j = 0; j < W; j++) cols[j] = col_part(layout, j, H, W);
+    const long rs = (long)W * xs;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++) {
+        int i = bi % H;
+        const float *xr = x + bi * rs, *xr2 = x2 ? x2 + bi * rs : NULL;
+        float *yr = y + row_part(layout, bi / H, i, H, W) * C;
+#define ROW(c) dw_row(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, bias, yr, cols, W, act, c)
+        BY_CHANNELS(C, ROW)
+#undef ROW
+    }
+}
+
+/* ------------------------------------------------------------------ token norms */
+/* out[g, c] = sqrt(sum over the P tokens of group g of t[g, p, c]^2), t (G, P, C) contiguous */
+void token_norms(const float *t, float *out, long G, long P, int C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long g = 0; g < G; g++) {
+        float acc[MAX_C] = {0};
+        const int n = C <= MAX_C ? C : MAX_C;
+        for (long p = 0; p < P; p++) {
+            const float *r = t + (g * P + p) * C;
+            for (int c = 0; c < n; c++) acc[c] += r[c] * r[c];
+        }
+        for (int c = 0; c < n; c++) out[g * C + c] = sqrtf(acc[c]);
+    }
+}

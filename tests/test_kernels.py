@@ -1,0 +1,143 @@
+"""The C kernels (distillsr.kernels) against the PyTorch ops they replace, and the
+fallback when they cannot be built."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distillsr
+from distillsr import kernels
+from distillsr.models.asid import fused_kernels, from_tokens, to_tokens
+
+pytestmark = pytest.mark.skipif(not kernels.built(),
+                                reason="the C kernels could not be built here (no C compiler?)")
+LAYOUTS = ["image", "meso", "global", "grid"]
+
+
+def _tokens(x, layout):
+    return x if layout == "image" else to_tokens(x.contiguous(), layout)
+
+
+def _norm(c, eps=1e-5):
+    torch.manual_seed(c)
+    norm = torch.nn.LayerNorm(c, eps=eps)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    return norm
+
+
+def _map(b, h, w, c, extra=5):
+    """A channel slice of a wider map (rows with a stride), values of both signs."""
+    return (torch.randn(b, h, w, c + extra) * 2 + 0.5)[..., extra:]
+
+
+@pytest.mark.parametrize("c", [12, 20, 48, 6])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_norm_in_every_layout(c, layout):
+    x, norm = _map(2, 16, 24, c), _norm(c)
+    with torch.inference_mode():
+        got = kernels.layer_norm(x, norm, layout)
+        ref = _tokens(norm(x), layout)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("c", [12, 36, 10])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_add_tokens_norm(c, layout):
+    x, norm = _map(2, 16, 24, c), _norm(c, eps=1e-6)
+    t = _tokens(torch.randn(2, 16, 24, c), layout)
+    with torch.inference_mode():
+        y, z = kernels.add_tokens_norm(x, t, layout, norm)
+        only = kernels.add_tokens_norm(x, t, layout)
+        ref = x + (t if layout == "image" else from_tokens(t, layout, x.shape))
+        ref_z = norm(ref)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(only, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(z, ref_z, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("c", [12, 36, 48, 7])
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_depthwise_conv(c, act):
+    torch.manual_seed(c)
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+    for shape in [(2, 16, 24), (1, 5, 7), (1, 1, 3)]:
+        x = _map(*shape, c)
+        with torch.inference_mode():
+            got = kernels.dwconv3x3(x, conv.weight, conv.bias, act=act)
+            ref = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            ref = F.gelu(ref) if act else ref
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_depthwise_conv_writes_tokens_and_gates(layout):
+    c = 24
+    torch.manual_seed(1)
+    w1, w2 = torch.randn(c, 1, 3, 3), torch.randn(c, 1, 3, 3)
+    h = torch.randn(2, 16, 24, 2 * c)
+    with torch.inference_mode():
+        def dw(x, w):
+            return F.conv2d(x.permute(0, 3, 1, 2), w, padding=1, groups=c).permute(0, 2, 3, 1)
+        plain = kernels.dwconv3x3(h[..., :c], w1, layout=layout)
+        gated = kernels.dwconv3x3(h[..., :c], w1, act="gelu", gate=(h[..., c:], w2), layout=layout)
+        torch.testing.assert_close(plain, _tokens(dw(h[..., :c], w1), layout), atol=2e-6, rtol=1e-6)
+        ref = _tokens(F.gelu(dw(h[..., :c], w1)) * dw(h[..., c:], w2), layout)
+        torch.testing.assert_close(gated, ref, atol=1e-5, rtol=1e-6)
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(1, 8, 8, 4)
+    with pytest.raises(ValueError, match="activation"):
+        kernels.dwconv3x3(x, torch.randn(4, 1, 3, 3), act="relu")
+    with pytest.raises(ValueError, match="laid out"):
+        kernels.dwconv3x3(x, torch.randn(4, 1, 3, 3), gate=(torch.randn(1, 8, 9, 4), torch.randn(4, 1, 3, 3)))
+
+
+def test_token_norms():
+    t = torch.randn(30, 64, 20)
+    torch.testing.assert_close(kernels.token_norms(t), torch.linalg.vector_norm(t, dim=1), atol=1e-5, rtol=1e-6)
+
+
+def test_not_used_with_autograd_or_other_dtypes():
+    x = torch.randn(1, 8, 8, 4)
+    assert kernels.available(x) != torch.is_grad_enabled()
+    with torch.inference_mode():
+        assert kernels.available(x)
+        assert not kernels.available(x.double()) and not kernels.available(x.bfloat16())
+
+
+def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    model = distillsr.create_model("asid", 3).eval()
+    x = torch.rand(1, 3, 20, 27)
+    with torch.inference_mode():
+        fast = model(x)
+        with fused_kernels(False):
+            plain = model(x)
+    # a machine without a C compiler: nothing is built, the PyTorch path runs
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DISTILLSR_CACHE", str(tmp_path))
+    with torch.inference_mode():
+        assert not kernels.available(x)
+        without = model(x)
+    assert not list(tmp_path.glob("kernels/*.so"))
+    torch.testing.assert_close(fast, plain, atol=2e-6, rtol=0)
+    torch.testing.assert_close(without, plain, atol=2e-6, rtol=0)
+
+
+def test_fused_kernels_false_turns_them_off(monkeypatch):
+    calls = []
+    for name in ("layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    model = distillsr.create_model("asid", 2, blocks=1).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        with fused_kernels(False):
+            model(x)
+        assert calls == []
+        model(x)
+    assert set(calls) == {"layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms"}
