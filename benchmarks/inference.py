@@ -167,7 +167,7 @@ def _rss():
 
 
 # ----------------------------------------------------------------------------- driver side
-def run_worker(spec, omp_wait="PASSIVE", timeout=3600):
+def run_worker(spec, omp_wait="", timeout=3600):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=str(SRC))
     if omp_wait:
@@ -205,9 +205,10 @@ def main(argv=None):
     p.add_argument("--train-iters", type=int, default=3)
     p.add_argument("--no-4k", action="store_true", help="skip the tiled 3840x2160 x4 row")
     p.add_argument("--tile", type=int, default=256, help="LR tile side for the 4K row (default 256)")
-    p.add_argument("--omp-wait", default="PASSIVE",
-                   help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a shared machine, spinning "
-                        "OpenMP threads wait for descheduled ones at every op; '' keeps the environment's)")
+    p.add_argument("--omp-wait", default="",
+                   help="OMP_WAIT_POLICY of the workers (default '': the environment's, what users get; "
+                        "PASSIVE helps on a busy shared machine, where spinning OpenMP threads wait "
+                        "for descheduled ones at every op)")
     p.add_argument("--json", help="write all results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -57,6 +57,16 @@ def test_counting_runs_nothing_and_leaves_the_model_alone():
     assert c.params == 313_104
 
 
+def test_counts_do_not_depend_on_the_grad_mode_of_the_caller():
+    # inference merges some products (exact algebra); the count is of the network as defined
+    model = distillsr.create_model("asid", 4)
+    ref = count_cost(model, (1, 3, 32, 48))
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            c = count_cost(model, (1, 3, 32, 48))
+        assert (c.macs, c.flops, c.attention) == (ref.macs, ref.flops, ref.attention)
+
+
 def test_counts_scale_with_the_padded_area():
     a = _cost("asid", 4, (64, 64)).macs            # 16x16 input
     b = _cost("asid", 4, (128, 64)).macs           # 32x16: twice the area

@@ -122,7 +122,7 @@ def count_cost(model: nn.Module, input_shape: Sequence[int]) -> Cost:
     """Count the MACs of ``model`` on an input of ``input_shape`` (N, C, H, W) without
     computing anything: a copy of the model runs on the ``meta`` device."""
     params = sum(p.numel() for p in model.parameters())
-    meta = copy.deepcopy(model).to("meta").eval()
+    meta = copy.deepcopy(model).to("meta").eval().requires_grad_(False)
     cost = Cost(params, tuple(int(s) for s in input_shape), ())
 
     def ln_hook(mod, inputs, output):
@@ -130,7 +130,9 @@ def count_cost(model: nn.Module, input_shape: Sequence[int]) -> Cost:
 
     hooks = [m.register_forward_hook(ln_hook) for m in meta.modules() if isinstance(m, nn.LayerNorm)]
     try:
-        with torch.no_grad(), _MacCounter(cost):
+        # grad mode on (nothing requires grad, so no graph): models run their layers as
+        # defined, without the merged products of their inference shortcuts
+        with torch.enable_grad(), _MacCounter(cost):
             out = meta(torch.empty(*input_shape, device="meta"))
     finally:
         for h in hooks:

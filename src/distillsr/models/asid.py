@@ -90,6 +90,13 @@ def _fusable(x: torch.Tensor) -> bool:
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
+def _shortcuts() -> bool:
+    """Inference merges products that are exact algebraically (the value projection into
+    the output projection, ...); training and ``fused_kernels(False)`` compute them as
+    defined (and FLOP counts count them so)."""
+    return fused_kernels.enabled and not torch.is_grad_enabled()
+
+
 def _ckernels(x: torch.Tensor) -> bool:
     """The C kernels of ``distillsr.kernels`` (CPU float32 inference) apply to ``x``."""
     return fused_kernels.enabled and kernels.available(x)
@@ -311,7 +318,7 @@ class WindowAttention(nn.Module):
             raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
         w_v = self.qkv.weight[2 * self.proj.in_features:] if self.computes else self.v.weight
         # proj(A (t W_v^T)) = A (t (W_proj W_v)^T): in inference one product instead of two
-        merge = not torch.is_grad_enabled()
+        merge = _shortcuts()
         w_out = self.proj.weight @ w_v if merge else w_v
         if self.computes:
             d = self.proj.in_features
@@ -388,7 +395,7 @@ class ChannelAttention(nn.Module):
         attn = (q.transpose(1, 2) @ k * (self.temperature / (nq[:, :, None] * nk[:, None, :])))
         attn = attn.softmax(dim=-1)  # (G, C, C)
         w_out = self.project_out.weight.flatten(1)
-        if layout == "grid" and not torch.is_grad_enabled():
+        if layout == "grid" and _shortcuts():
             # 64 groups: project_out (W_o) folded into the 64 small matrices, W_o A^T
             y = v @ (w_out @ attn).transpose(1, 2)
         else:
