@@ -130,9 +130,10 @@ def count_cost(model: nn.Module, input_shape: Sequence[int]) -> Cost:
 
     hooks = [m.register_forward_hook(ln_hook) for m in meta.modules() if isinstance(m, nn.LayerNorm)]
     try:
-        # grad mode on (nothing requires grad, so no graph): models run their layers as
-        # defined, without the merged products of their inference shortcuts
-        with torch.enable_grad(), _MacCounter(cost):
+        # grad mode on (nothing requires grad, so no graph) and out of inference mode (where
+        # linear and conv2d would reach the counter undecomposed): models run their layers
+        # as defined, without the merged products of their inference shortcuts
+        with torch.inference_mode(False), torch.enable_grad(), _MacCounter(cost):
             out = meta(torch.empty(*input_shape, device="meta"))
     finally:
         for h in hooks:
