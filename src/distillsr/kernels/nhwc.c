@@ -220,6 +220,85 @@ ALWAYS_INLINE void dw_row(const float *x, const float *x2, long xs, long rs, int
     }
 }
 
+/* The same with the accumulators in registers, for C = 8 NV + 4 TAIL channels (NV <= 6). */
+typedef float v4f_ __attribute__((vector_size(16)));
+ALWAYS_INLINE v4f_ load4_(const float *p) { v4f_ v; memcpy(&v, p, sizeof v); return v; }
+ALWAYS_INLINE v4f_ gelu4(v4f_ x) {
+    v8f w = {x[0], x[1], x[2], x[3], 0, 0, 0, 0};
+    w = gelu8(w);
+    return (v4f_){w[0], w[1], w[2], w[3]};
+}
+
+#define DW_VARS(A) v8f A##0 = {0}, A##1 = {0}, A##2 = {0}, A##3 = {0}, A##4 = {0}, A##5 = {0}; v4f_ A##t = {0}
+#define DW_EACH(A, OP)                  \
+    do {                                \
+        OP(A##0, 0);                    \
+        if (NV > 1) OP(A##1, 1);        \
+        if (NV > 2) OP(A##2, 2);        \
+        if (NV > 3) OP(A##3, 3);        \
+        if (NV > 4) OP(A##4, 4);        \
+        if (NV > 5) OP(A##5, 5);        \
+    } while (0)
+/* A += taps (weights w, C per tap) at input pixel pointer xp */
+#define DW_TAP(A, xp, w)                                                  \
+    do {                                                                  \
+        const float *xp_ = (xp), *w_ = (w);                               \
+        A##0 += load8_(w_) * load8_(xp_);                                 \
+        if (NV > 1) A##1 += load8_(w_ + 8) * load8_(xp_ + 8);             \
+        if (NV > 2) A##2 += load8_(w_ + 16) * load8_(xp_ + 16);           \
+        if (NV > 3) A##3 += load8_(w_ + 24) * load8_(xp_ + 24);           \
+        if (NV > 4) A##4 += load8_(w_ + 32) * load8_(xp_ + 32);           \
+        if (NV > 5) A##5 += load8_(w_ + 40) * load8_(xp_ + 40);           \
+        if (TAIL) A##t += load4_(w_ + 8 * NV) * load4_(xp_ + 8 * NV);      \
+    } while (0)
+/* A = the 3x3 conv at column j of the rows around x (row stride rs, pixel stride xs) */
+#define DW_CONV(A, x, wt)                                                                 \
+    do {                                                                                  \
+        for (int di = -1; di <= 1; di++) {                                                \
+            if ((di < 0 && !top) || (di > 0 && !bottom)) continue;                        \
+            const float *xr_ = (x) + di * rs + (long)j * xs;                              \
+            const float *wr_ = (wt) + (di + 1) * 3 * C;                                   \
+            if (j > 0) DW_TAP(A, xr_ - xs, wr_);                                          \
+            DW_TAP(A, xr_, wr_ + C);                                                      \
+            if (j < W - 1) DW_TAP(A, xr_ + xs, wr_ + 2 * C);                              \
+        }                                                                                 \
+    } while (0)
+
+ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long rs, int top, int bottom,
+                              const float *wt, const float *wt2, const float *bias, float *y,
+                              const long *cols, int W, int act, const int NV, const int TAIL) {
+    const int C = 8 * NV + 4 * TAIL;
+    for (int j = 0; j < W; j++) {
+        DW_VARS(a);
+        if (bias) {
+#define LOAD_BIAS(v, k) v = load8_(bias + 8 * (k))
+            DW_EACH(a, LOAD_BIAS);
+#undef LOAD_BIAS
+            if (TAIL) at = load4_(bias + 8 * NV);
+        }
+        DW_CONV(a, x, wt);
+        if (act) {
+#define GELU(v, k) v = gelu8(v)
+            DW_EACH(a, GELU);
+#undef GELU
+            if (TAIL) at = gelu4(at);
+        }
+        if (x2) {
+            DW_VARS(g);
+            DW_CONV(g, x2, wt2);
+#define MUL(v, k) v *= g##k
+            DW_EACH(a, MUL);
+#undef MUL
+            if (TAIL) at *= gt;
+        }
+        float *out = y + cols[j] * C;
+#define STORE(v, k) memcpy(out + 8 * (k), &v, sizeof(v8f))
+        DW_EACH(a, STORE);
+#undef STORE
+        if (TAIL) memcpy(out + 8 * NV, &at, sizeof at);
+    }
+}
+
 /* Depthwise 3x3 conv, zero padding 1; wt (9, C) tap-major, bias may be NULL; act 1: GELU.
  * With x2/wt2 (same pixels, no bias): out = act(dw(x)) * dw2(x2), the GFN gate. */
 void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
@@ -233,9 +312,19 @@ void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
         int i = bi % H;
         const float *xr = x + bi * rs, *xr2 = x2 ? x2 + bi * rs : NULL;
         float *yr = y + row_part(layout, bi / H, i, H, W) * C;
+#define REG(nv, tail) dw_row_reg(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, bias, yr, cols, W, act, nv, tail)
 #define ROW(c) dw_row(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, bias, yr, cols, W, act, c)
-        BY_CHANNELS(C, ROW)
+        switch (C) {
+        case 12: REG(1, 1); break;
+        case 16: REG(2, 0); break;
+        case 24: REG(3, 0); break;
+        case 32: REG(4, 0); break;
+        case 36: REG(4, 1); break;
+        case 48: REG(6, 0); break;
+        default: BY_CHANNELS(C, ROW)
+        }
 #undef ROW
+#undef REG
     }
 }
 

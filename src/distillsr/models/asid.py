@@ -216,7 +216,11 @@ class LM(nn.Module):
         self.conv_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x):
-        y = conv_nhwc(self.dwconv, conv_nhwc(self.conv_in, x, act="gelu"), act="gelu")
+        y = conv_nhwc(self.conv_in, x, act="gelu")
+        if _ckernels(y):
+            y = kernels.dwconv3x3(y, self.dwconv.weight, self.dwconv.bias, act="gelu")
+        else:
+            y = conv_nhwc(self.dwconv, y, act="gelu")
         return pointwise(self.se(y), self.conv_out.weight, self.conv_out.bias, add=x)
 
 
