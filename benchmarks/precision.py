@@ -5,9 +5,9 @@
 For each model: PSNR-Y (crop = scale, MATLAB Y, ``distillsr.metrics``) of the fp32
 result against HR, the same for each reduced precision, and the PSNR of the reduced-
 precision result against the fp32 result (how far it moved). Models: the released,
-trained E-RFDN and FDIWN x4 weights in ../shared/weights/official, and ASID x4 with the
-random weights of ../shared/fixtures/asid (no trained ASID weights exist here, so only
-"vs fp32" is meaningful for it). Weights and input are cast (``model.to(dtype)``); CPU.
+trained E-RFDN and FDIWN x4 weights in ../shared/weights/official, and the ASID x4
+weights shipped in the package (``distillsr.load_pretrained``). Weights and input are
+cast (``model.to(dtype)``); CPU.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from distillsr.metrics import psnr, to_uint8, y_channel  # noqa: E402
 SHARED = HERE.parent.parent / "shared"
 MODELS = [("e-rfdn x4 (released weights)", SHARED / "weights/official/rfdn_aim_x4.pth", True),
           ("fdiwn x4 (released weights)", SHARED / "weights/official/fdiwn_x4_state.pth", True),
-          ("asid x4 (random fixture weights)", SHARED / "fixtures/asid/asid_x4_official_random.pth", False)]
+          ("asid x4 (shipped weights)", "pretrained:asid", True)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,10 +44,13 @@ def main(argv=None):
     print("| model | set | fp32 PSNR | " + " | ".join(f"{d} PSNR | {d} vs fp32 (dB)" for d in dtypes) + " |")
     print("|---|---|---|" + "---|---|" * len(dtypes))
     for label, weights, trained in MODELS:
-        if not weights.is_file():
+        if weights == "pretrained:asid":
+            model = distillsr.load_pretrained("asid", 4).eval()
+        elif not weights.is_file():
             print(f"| {label} | missing {weights} |")
             continue
-        model = distillsr.load_model(weights).eval()
+        else:
+            model = distillsr.load_model(weights).eval()
         s = model.scale
         for name in args.sets.split(","):
             root = SHARED / "data/benchmark" / name

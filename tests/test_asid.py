@@ -113,7 +113,7 @@ def test_sharing_units_really_reuse_the_first_blocks_matrices():
     x = torch.rand(1, 3, 16, 24)
     seen = []
     unit = model.blocks[2].sam2.glob.attn
-    hook = unit.register_forward_hook(lambda m, i, o: seen.append(o[1]))
+    hook = unit.register_forward_hook(lambda m, i, o: seen.append(o[0]))
     with torch.no_grad():
         _, first = model.features(model.pad(x))
     hook.remove()

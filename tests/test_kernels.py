@@ -130,7 +130,8 @@ def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
 
 def test_fused_kernels_false_turns_them_off(monkeypatch):
     calls = []
-    for name in ("layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms"):
+    names = ("layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms", "attend_add_norm")
+    for name in names:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     model = distillsr.create_model("asid", 2, blocks=1).eval()
@@ -140,4 +141,23 @@ def test_fused_kernels_false_turns_them_off(monkeypatch):
             model(x)
         assert calls == []
         model(x)
-    assert set(calls) == {"layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms"}
+    assert set(calls) == set(names)
+
+
+@pytest.mark.parametrize("d", [12, 24, 36])
+@pytest.mark.parametrize("layout", ["meso", "global"])
+def test_attention_output_added_and_normalised(d, layout):
+    torch.manual_seed(d)
+    x, norm = _map(2, 16, 24, d), _norm(d, eps=1e-6)
+    groups = 2 * 2 * 3
+    attn = torch.softmax(torch.randn(groups, 64, 64) * 3, dim=-1)
+    v = torch.randn(groups, 64, d)
+    with torch.inference_mode():
+        y, z = kernels.attend_add_norm(attn, v, x, layout, norm)
+        ref = x + from_tokens(torch.bmm(attn, v), layout, x.shape)
+        ref_z = norm(ref)
+        assert kernels.attend_add_norm(attn, v[..., :10], x[..., :10], layout, norm) is None  # width not compiled
+        with pytest.raises(ValueError, match="do not fit"):
+            kernels.attend_add_norm(attn[:5], v[:5], x, layout, norm)
+    torch.testing.assert_close(y, ref, atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(z, ref_z, atol=2e-5, rtol=1e-5)

@@ -342,3 +342,90 @@ void token_norms(const float *t, float *out, long G, long P, int C, int threads)
         for (int c = 0; c < n; c++) out[g * C + c] = sqrtf(acc[c]);
     }
 }
+
+/* ------------------------------------------------------------------ attention output */
+/* For every window/group g of 64 tokens (layout 1 meso, 2 global): y = A[g] v[g]
+ * (64 x 64 times 64 x d), then at the pixel p of token i: out[p] = x[p] + y[i] and
+ * z[p] = LayerNorm(out[p]): the attention's residual add and the next LayerNorm,
+ * without writing y. d = 8 NV + 4 TAIL. */
+#define AV_ROW_FMA(X, s)                                             \
+    do {                                                             \
+        X##0 += (s) * v0;                                            \
+        if (NV > 1) X##1 += (s) * v1;                                \
+        if (NV > 2) X##2 += (s) * v2;                                \
+        if (NV > 3) X##3 += (s) * v3;                                \
+        if (TAIL) X##t += (s) * vt;                                  \
+    } while (0)
+#define AV_VARS(X) v8f X##0 = {0}, X##1 = {0}, X##2 = {0}, X##3 = {0}; v4f_ X##t = {0}
+#define AV_FINISH(X, r)                                                                        \
+    do {                                                                                       \
+        const int m = i0 + (r);                                                                \
+        const long p = pixel_of(layout, g, m, H, W);                                           \
+        const float *xp = x + p * xs;                                                          \
+        float *op = out + p * d;                                                               \
+        v8f t8;                                                                                \
+        t8 = X##0 + load8_(xp); memcpy(op, &t8, sizeof t8);                                    \
+        if (NV > 1) { t8 = X##1 + load8_(xp + 8); memcpy(op + 8, &t8, sizeof t8); }           \
+        if (NV > 2) { t8 = X##2 + load8_(xp + 16); memcpy(op + 16, &t8, sizeof t8); }         \
+        if (NV > 3) { t8 = X##3 + load8_(xp + 24); memcpy(op + 24, &t8, sizeof t8); }         \
+        if (TAIL) { v4f_ t4 = X##t + load4_(xp + 8 * NV); memcpy(op + 8 * NV, &t4, sizeof t4); } \
+        norm_pixel(op, z + p * d, d, ln_g, ln_b, eps);                                         \
+    } while (0)
+
+/* pixel index of member m of group g (the inverse of token_row for layouts 1 and 2) */
+static long pixel_of(int layout, long g, int m, int H, int W) {
+    const long h = H / 8, w = W / 8, b = g / (h * w), gi = (g % (h * w)) / w, gj = g % w;
+    const int mi = m / 8, mj = m % 8;
+    long i, j;
+    if (layout == 1) { i = gi * 8 + mi; j = gj * 8 + mj; }
+    else { i = (long)mi * h + gi; j = (long)mj * w + gj; }
+    return (b * H + i) * W + j;
+}
+
+ALWAYS_INLINE void attend_group(const float *A, const float *v, const float *x, long xs, float *out,
+                                float *z, long g, int H, int W, const float *ln_g, const float *ln_b,
+                                float eps, int layout, const int NV, const int TAIL) {
+    const int d = 8 * NV + 4 * TAIL;
+    for (int i0 = 0; i0 < 64; i0 += 4) {
+        AV_VARS(p); AV_VARS(q); AV_VARS(r); AV_VARS(s);
+        const float *a0 = A + i0 * 64, *a1 = a0 + 64, *a2 = a1 + 64, *a3 = a2 + 64;
+        for (int j = 0; j < 64; j++) {
+            const float *vj = v + j * d;
+            v8f v0 = load8_(vj), v1 = {0}, v2 = {0}, v3 = {0};
+            v4f_ vt = {0};
+            if (NV > 1) v1 = load8_(vj + 8);
+            if (NV > 2) v2 = load8_(vj + 16);
+            if (NV > 3) v3 = load8_(vj + 24);
+            if (TAIL) vt = load4_(vj + 8 * NV);
+            AV_ROW_FMA(p, a0[j]);
+            AV_ROW_FMA(q, a1[j]);
+            AV_ROW_FMA(r, a2[j]);
+            AV_ROW_FMA(s, a3[j]);
+        }
+        AV_FINISH(p, 0); AV_FINISH(q, 1); AV_FINISH(r, 2); AV_FINISH(s, 3);
+    }
+}
+
+/* returns 0 where d is not one of the compiled widths (12, 16, 24, 28, 32, 36) */
+int attend_add_norm(const float *A, const float *v, const float *x, long xs, float *out, float *z,
+                    int B, int H, int W, int d, const float *ln_g, const float *ln_b, float eps,
+                    int layout, int threads) {
+    if ((layout != 1 && layout != 2) || d % 4 || d < 12 || d > 36) return 0;
+    const long groups = (long)B * (H / 8) * (W / 8);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long g = 0; g < groups; g++) {
+        const float *Ag = A + g * 64 * 64, *vg = v + g * 64 * d;
+#define AV(nv, tail) attend_group(Ag, vg, x, xs, out, z, g, H, W, ln_g, ln_b, eps, layout, nv, tail)
+        switch (d) {
+        case 12: AV(1, 1); break;
+        case 16: AV(2, 0); break;
+        case 20: AV(2, 1); break;
+        case 24: AV(3, 0); break;
+        case 28: AV(3, 1); break;
+        case 32: AV(4, 0); break;
+        default: AV(4, 1); break; /* 36 */
+        }
+#undef AV
+    }
+    return 1;
+}

@@ -286,6 +286,17 @@ def add_tokens_norm(x: torch.Tensor, t: torch.Tensor, kind: str,
     return y, norm(y)
 
 
+def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, kind: str,
+                    norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``add_tokens_norm(x, attn @ v, kind, norm)``; for 8x8 windows the C kernel adds
+    each window's ``attn @ v`` into the map as it computes it."""
+    if kind == "meso" and _ckernels(x):
+        out = kernels.attend_add_norm(attn, v, x, kind, norm)
+        if out is not None:
+            return out
+    return add_tokens_norm(x, torch.bmm(attn, v), kind, norm)
+
+
 def relative_position_index(n: int = WINDOW) -> torch.Tensor:
     """(n*n, n*n) index into a (2n-1)^2 bias table: (yi - yj + n-1) * (2n-1) + (xi - xj + n-1)."""
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -317,22 +328,21 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, t: torch.Tensor, shared: Optional[torch.Tensor] = None):
-        """t: (windows, 64, d) normalised tokens -> (projected output, attention matrix)."""
+        """t: (windows, 64, d) normalised tokens -> (attention matrix A, values v); the
+        output is proj(A v). In inference v is already projected (t (W_proj W_v)^T: one
+        product instead of two, exact algebra) and the output is A v."""
         if not self.computes and shared is None:
             raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-        w_v = self.qkv.weight[2 * self.proj.in_features:] if self.computes else self.v.weight
-        # proj(A (t W_v^T)) = A (t (W_proj W_v)^T): in inference one product instead of two
-        merge = _shortcuts()
-        w_out = self.proj.weight @ w_v if merge else w_v
-        if self.computes:
-            d = self.proj.in_features
-            q, k, v = pointwise(t, torch.cat([self.qkv.weight[:2 * d], w_out])).chunk(3, dim=-1)
-            bias = self.rel_pos_bias[self.rel_pos_index]
-            attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
-        else:
-            v, attn = pointwise(t, w_out), shared
-        y = torch.bmm(attn, v)
-        return (y if merge else pointwise(y, self.proj.weight)), attn
+        d = self.proj.in_features
+        w_v = self.qkv.weight[2 * d:] if self.computes else self.v.weight
+        if _shortcuts():
+            w_v = self.proj.weight @ w_v
+        if not self.computes:
+            return shared, pointwise(t, w_v)
+        q, k, v = pointwise(t, torch.cat([self.qkv.weight[:2 * d], w_v])).chunk(3, dim=-1)
+        bias = self.rel_pos_bias[self.rel_pos_index]
+        attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
+        return attn, v
 
 
 class AttentionUnit(nn.Module):
@@ -348,8 +358,11 @@ class AttentionUnit(nn.Module):
         self.gfn = GFN(dim)
 
     def forward(self, x, shared: Optional[torch.Tensor] = None):
-        y, attn = self.attn(norm_tokens(x, self.norm1, self.kind), shared)
-        x, z = add_tokens_norm(x, y, self.kind, self.norm2)
+        attn, v = self.attn(norm_tokens(x, self.norm1, self.kind), shared)
+        if _shortcuts():  # v is projected already
+            x, z = attend_add_norm(attn, v, x, self.kind, self.norm2)
+        else:
+            x, z = add_tokens_norm(x, pointwise(torch.bmm(attn, v), self.attn.proj.weight), self.kind, self.norm2)
         return self.gfn(z, residual=x), attn
 
 
