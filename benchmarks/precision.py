@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import distillsr  # noqa: E402
 from distillsr import io as imgio  # noqa: E402
 from distillsr.metrics import psnr, to_uint8, y_channel  # noqa: E402
+from distillsr.pretrained import load_pretrained  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared"
 MODELS = [("e-rfdn x4 (released weights)", SHARED / "weights/official/rfdn_aim_x4.pth", True),
@@ -45,7 +46,7 @@ def main(argv=None):
     print("|---|---|---|" + "---|---|" * len(dtypes))
     for label, weights, trained in MODELS:
         if weights == "pretrained:asid":
-            model = distillsr.load_pretrained("asid", 4).eval()
+            model = load_pretrained("asid", 4).eval()
         elif not weights.is_file():
             print(f"| {label} | missing {weights} |")
             continue

@@ -86,3 +86,19 @@ def test_onnx_model_refuses_foreign_files(tmp_path):
     bad.write_bytes(b"not an onnx file")
     with pytest.raises(RuntimeError, match="cannot load"):
         OnnxModel(bad)
+
+
+def test_cli_upscale_with_the_onnxruntime_backend(exported, tmp_path):
+    from PIL import Image
+    model, path = exported
+    image = (torch.rand(14, 19, 3) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(image).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    assert main(["upscale", str(tmp_path / "in.png"), "-o", str(out), "--scale", "3",
+                 "--backend", "onnxruntime", "--weights", str(path), "--no-progress"]) == 0
+    got = torch.from_numpy(__import__("numpy").asarray(Image.open(next(out.iterdir())))).float()
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0]
+    ref = (ref.clamp(0, 1) * 255).round().permute(1, 2, 0)
+    assert got.shape == (42, 57, 3)
+    assert (got - ref).abs().max().item() <= 1  # 8-bit rounding of a <= 1e-4 difference

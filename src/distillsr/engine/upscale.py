@@ -83,6 +83,14 @@ def _torch_backend(model: Union[str, torch.nn.Module, None] = None, scale: Optio
     return net.to(device).eval()
 
 
+@register_backend("onnxruntime")
+def _onnxruntime_backend(**kwargs):
+    """The network exported to ONNX and run by onnxruntime (``engine.onnx_backend``,
+    imported only when asked for)."""
+    from .onnx_backend import onnxruntime_backend
+    return onnxruntime_backend(**kwargs)
+
+
 def load_runner(model: Union[str, torch.nn.Module, None] = None, scale: Optional[int] = None, *,
                 weights: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
                 backend: str = "torch", weights_dir=None) -> Runner:
