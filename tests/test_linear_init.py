@@ -69,3 +69,54 @@ def test_train_option_init_linear_starts_from_the_fitted_filter(tmp_path):
     torch.testing.assert_close(got, _filter_output(lr, w, b, 2), atol=1e-5, rtol=0)
     ema = trainer.ema.module.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+
+
+def _teacher_pairs(teacher, n=3, size=24, scale=2, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        lr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        with torch.no_grad():
+            hr = teacher(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)[0]
+        pairs.append((lr, (hr.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()))
+    return pairs
+
+
+def test_fit_upsampler_recovers_the_upsampler_of_a_body():
+    from distillsr.engine.linear_init import fit_upsampler
+    torch.manual_seed(0)
+    teacher = distillsr.create_model("asid", 2, blocks=1).eval()
+    with torch.no_grad():  # a mild upsampler, so that outputs stay inside [0, 1]
+        teacher.upsampler[0].weight.mul_(0.1)
+        teacher.upsampler[0].bias.fill_(0.5)
+    pairs = _teacher_pairs(teacher)
+    student = distillsr.create_model("asid", 2, blocks=1).eval()
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if not k.startswith("upsampler")},
+                            strict=False)
+    x = torch.from_numpy(pairs[0][0]).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        ref = teacher(x)
+        before = (student(x) - ref).abs().mean().item()
+        fit_upsampler(student, pairs, 2, samples_per_image=0, ridge=1e-9)
+        after = (student(x) - ref).abs().mean().item()
+    assert after < 2 / 255 < before  # the 8-bit rounding of the targets is all that is left
+    with pytest.raises(ValueError, match="not x2"):
+        fit_upsampler(student, [(pairs[0][0], pairs[0][1][:-1])], 2)
+    with pytest.raises(TypeError, match="ASID-like"):
+        fit_upsampler(torch.nn.Conv2d(3, 3, 1), pairs, 2)
+
+
+def test_train_option_init_upsampler(tmp_path):
+    from distillsr.engine import ConfigError, Trainer, load_config
+    from train_helpers import make_paired, tiny_config
+    make_paired(tmp_path / "data", n=3, size=48, scale=2)
+    logs = []
+    cfg = load_config(None, tiny_config(tmp_path, tmp_path / "data", **{
+        "model.arch": "asid", "model.options": "{blocks: 1}", "init_upsampler": True, "train.iters": 1}))
+    trainer = Trainer(cfg, log=logs.append)
+    assert any("upsampler fitted" in m for m in logs)
+    ema = trainer.ema.module.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config(None, tiny_config(tmp_path, tmp_path / "data", **{
+            "model.arch": "asid", "init_upsampler": True, "init_linear": True}))

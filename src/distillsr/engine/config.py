@@ -109,6 +109,7 @@ class Config:
     init_from: str = ""        # initialise the network from this checkpoint
     init_strict: bool = True   # false: load every tensor whose name and shape match, report the rest
     init_linear: bool = False  # ASID: fit the linear path by least squares on the training pairs first
+    init_upsampler: bool = False  # ASID: fit the upsampler by least squares on the (init_from) body's features
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val: ValConfig = field(default_factory=ValConfig)
@@ -248,6 +249,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("data.lr_root: needed when data.kind is 'paired'")
     if cfg.init_from == "" and not cfg.init_strict:
         pass  # harmless
+    if cfg.init_linear and cfg.init_upsampler:
+        raise ConfigError("init_linear and init_upsampler: choose one (the linear init zeroes the body's path)")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -17,16 +17,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["fit_subpixel_filter", "apply_linear_init", "linear_init_from_pairs", "linear_init_from_images"]
+__all__ = ["fit_subpixel_filter", "apply_linear_init", "linear_init_from_pairs", "linear_init_from_images",
+           "fit_upsampler"]
 
 
 def _neighbourhoods(lr: np.ndarray) -> np.ndarray:
-    """H x W x 3 float -> (H*W) x 27 features: 3x3 zero-padded neighbourhood of each channel
+    """H x W x C float -> (H*W) x 9C features: 3x3 zero-padded neighbourhood of each channel
     (ordered channel, dy, dx as a conv weight)."""
-    h, w, _ = lr.shape
+    h, w, c = lr.shape
     p = np.pad(lr, ((1, 1), (1, 1), (0, 0)))
-    cols = [p[dy:dy + h, dx:dx + w, k] for k in range(3) for dy in range(3) for dx in range(3)]
-    return np.stack(cols, axis=-1).reshape(-1, 27)
+    cols = [p[dy:dy + h, dx:dx + w, k] for k in range(c) for dy in range(3) for dx in range(3)]
+    return np.stack(cols, axis=-1).reshape(-1, 9 * c)
 
 
 def _subpixels(hr: np.ndarray, scale: int) -> np.ndarray:
@@ -112,3 +113,51 @@ def linear_init_from_images(model: nn.Module, hr_images: Iterable[np.ndarray], s
             yield imresize(hr, 1.0 / scale), hr
 
     return linear_init_from_pairs(model, pairs(), scale, seed, samples_per_image)
+
+
+@torch.no_grad()
+def fit_upsampler(model: nn.Module, pairs: Iterable[Tuple[np.ndarray, np.ndarray]], scale: int,
+                  samples_per_image: int = 4000, seed: int = 0, ridge: float = 1e-4) -> nn.Module:
+    """Fit the upsampler conv (3x3, C -> 3 s^2, with bias) of an ASID-like network by least
+    squares on the features its body computes from the training pairs (uint8 RGB LR/HR).
+
+    For a new scale on a trained body (x3/x4 from x2, ``init_from`` + ``init_strict:
+    false``): the network starts from the best upsampler for that body instead of a
+    random one. Nothing else changes."""
+    if not (hasattr(model, "features") and hasattr(model, "pad") and hasattr(model, "upsampler")):
+        raise TypeError(f"{type(model).__name__}: fit_upsampler is for ASID-like networks (features, upsampler)")
+    up = model.upsampler[0]
+    if up.kernel_size != (3, 3) or up.out_channels != 3 * scale * scale:
+        raise ValueError("the network's upsampler is not a 3x3 conv to 3 s^2 channels")
+    lo, hi = getattr(model, "pixel_range", (0.0, 1.0))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(seed)
+    k = 9 * up.in_channels + 1
+    xtx = np.zeros((k, k))
+    xty = np.zeros((k, 3 * scale * scale))
+    n = 0
+    for lr, hr in pairs:
+        h, w = lr.shape[:2]
+        if hr.shape[0] != h * scale or hr.shape[1] != w * scale:
+            raise ValueError(f"HR {hr.shape[:2]} is not x{scale} of LR {lr.shape[:2]}")
+        x = torch.from_numpy(np.ascontiguousarray(lr[..., :3])).permute(2, 0, 1)[None].float()
+        x = (x / 255.0 * (hi - lo) + lo).to(device)
+        feats = model.features(model.pad(x))[0][0, :, :h, :w].permute(1, 2, 0).double().cpu().numpy()
+        f = _neighbourhoods(feats)
+        y = _subpixels(hr[..., :3].astype(np.float64) / 255.0 * (hi - lo) + lo, scale)
+        if samples_per_image and len(f) > samples_per_image:
+            keep = rng.choice(len(f), size=samples_per_image, replace=False)
+            f, y = f[keep], y[keep]
+        f = np.concatenate([f, np.ones((len(f), 1))], axis=1)
+        xtx += f.T @ f
+        xty += f.T @ y
+        n += len(f)
+    if n < k:
+        raise ValueError(f"too few training pixels ({n}) to fit {k} upsampler inputs")
+    sol = np.linalg.solve(xtx + ridge * n * np.eye(k), xty)
+    up.weight.copy_(torch.as_tensor(sol[:-1].T.reshape(up.weight.shape), dtype=up.weight.dtype))
+    up.bias.copy_(torch.as_tensor(sol[-1], dtype=up.bias.dtype))
+    model.train(was_training)
+    return model

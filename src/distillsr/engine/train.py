@@ -403,6 +403,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.model.state_dict())
             self.log("init: linear path fitted by least squares on the training pairs")
+        if cfg.init_upsampler and self.resume_state is None:
+            from .linear_init import fit_upsampler
+            fit_upsampler(self.model, (store.load(i) for i in range(len(store))), cfg.model.scale, seed=cfg.seed)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.model.state_dict())
+            self.log("init: upsampler fitted by least squares on the body's features of the training pairs")
 
         self.val_pairs = None
         if cfg.val.dir and self.dist.is_main:
