@@ -96,7 +96,7 @@ def test_cli_upscale_with_the_onnxruntime_backend(exported, tmp_path):
     out = tmp_path / "out"
     assert main(["upscale", str(tmp_path / "in.png"), "-o", str(out), "--scale", "3",
                  "--backend", "onnxruntime", "--weights", str(path), "--no-progress"]) == 0
-    got = torch.from_numpy(__import__("numpy").asarray(Image.open(next(out.iterdir())))).float()
+    got = torch.from_numpy(__import__("numpy").array(Image.open(next(out.iterdir())))).float()
     with torch.inference_mode():
         ref = model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0]
     ref = (ref.clamp(0, 1) * 255).round().permute(1, 2, 0)

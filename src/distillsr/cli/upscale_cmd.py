@@ -65,6 +65,9 @@ def run(args) -> int:
         return 2
     try:
         device = select_device(args.device)
+        if str(device) == "cpu":  # this process only upscales: keep freed maps for reuse
+            from ..engine.profile import tune_cpu_allocator
+            tune_cpu_allocator()
         scale = args.scale if args.scale is not None or args.weights else 4
         runner = load_runner(args.model, scale, weights=args.weights, device=device, backend=args.backend)
         upscaler = Upscaler(runner, device, tile=args.tile, tile_overlap=args.tile_overlap,
