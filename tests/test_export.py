@@ -76,6 +76,9 @@ def test_export_refuses_bad_requests(tmp_path, capsys):
     assert ".onnx" in capsys.readouterr().err
     assert main(["export", "--weights", str(tmp_path / "none.pth"), "-o", str(tmp_path / "b.onnx")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    # --model/--scale means the shipped weights; a name that ships none says how to get a random one
+    assert main(["export", "--model", "rfdn", "--scale", "4", "-o", str(tmp_path / "r.onnx")]) == 2
+    assert "--random-init" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -12,7 +12,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export", help="export a network to ONNX",
         description="Export a network to ONNX: NCHW float32 RGB in [0, 1] in and out, any batch, height "
-                    "and width. Give --model/--scale (random init: for deployment tests) or --weights "
+                    "and width. Give --model/--scale (the shipped weights of that name and scale; "
+                    "--random-init: an untrained network, for deployment tests) or --weights "
                     "(any checkpoint load_model accepts). The file is checked against PyTorch with "
                     "onnxruntime on an odd-sized batch before it is written.")
     p.add_argument("--model", help="registered name (optional with --weights)")
@@ -20,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--weights", help="checkpoint file (safetensors, .pth, released formats)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--random-init", action="store_true",
+                   help="with --model/--scale: export an untrained network instead of the shipped weights")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.set_defaults(func=run)
 
@@ -42,7 +45,14 @@ def run(args) -> int:
         else:
             if not args.model or not args.scale:
                 raise ValueError("give --model and --scale, or --weights")
-            model = create_model(args.model, args.scale).eval()
+            if args.random_init:
+                model = create_model(args.model, args.scale).eval()
+            else:
+                from ..pretrained import PretrainedError, load_pretrained
+                try:
+                    model = load_pretrained(args.model, args.scale)
+                except PretrainedError as e:
+                    raise ValueError(f"{e} (--random-init exports an untrained {args.model})") from None
         if out.suffix.lower() != ".onnx":
             raise ValueError(f"{out}: the output file should end in .onnx")
         export_onnx(model, tmp, opset=args.opset or DEFAULT_OPSET)
