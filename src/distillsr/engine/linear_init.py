@@ -38,6 +38,19 @@ def _subpixels(hr: np.ndarray, scale: int) -> np.ndarray:
     return t.reshape(h * w, 3 * scale * scale)
 
 
+def _accumulate(xtx: np.ndarray, xty: np.ndarray, x: np.ndarray, y: np.ndarray,
+                rng: np.random.Generator, samples: int) -> int:
+    """Add (a random subset of ``samples``) rows of features x (with a bias column) and
+    targets y to the normal equations; returns the number of rows added."""
+    if samples and len(x) > samples:
+        keep = rng.choice(len(x), size=samples, replace=False)
+        x, y = x[keep], y[keep]
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    xtx += x.T @ x
+    xty += x.T @ y
+    return len(x)
+
+
 def fit_subpixel_filter(pairs: Iterable[Tuple[np.ndarray, np.ndarray]], scale: int,
                         samples_per_image: int = 8000, seed: int = 0,
                         ridge: float = 1e-6) -> Tuple[np.ndarray, np.ndarray]:
@@ -54,15 +67,8 @@ def fit_subpixel_filter(pairs: Iterable[Tuple[np.ndarray, np.ndarray]], scale: i
     for lr, hr in pairs:
         if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
             raise ValueError(f"HR {hr.shape[:2]} is not x{scale} of LR {lr.shape[:2]}")
-        x = _neighbourhoods(lr.astype(np.float64))
-        y = _subpixels(hr.astype(np.float64), scale)
-        if samples_per_image and len(x) > samples_per_image:
-            keep = rng.choice(len(x), size=samples_per_image, replace=False)
-            x, y = x[keep], y[keep]
-        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-        xtx += x.T @ x
-        xty += x.T @ y
-        n += len(x)
+        n += _accumulate(xtx, xty, _neighbourhoods(lr.astype(np.float64)),
+                         _subpixels(hr.astype(np.float64), scale), rng, samples_per_image)
     if n < k:
         raise ValueError("too few training pixels to fit the linear path")
     sol = np.linalg.solve(xtx + ridge * n * np.eye(k), xty)  # 28 x 3s^2
@@ -145,15 +151,9 @@ def fit_upsampler(model: nn.Module, pairs: Iterable[Tuple[np.ndarray, np.ndarray
         x = torch.from_numpy(np.ascontiguousarray(lr[..., :3])).permute(2, 0, 1)[None].float()
         x = (x / 255.0 * (hi - lo) + lo).to(device)
         feats = model.features(model.pad(x))[0][0, :, :h, :w].permute(1, 2, 0).double().cpu().numpy()
-        f = _neighbourhoods(feats)
-        y = _subpixels(hr[..., :3].astype(np.float64) / 255.0 * (hi - lo) + lo, scale)
-        if samples_per_image and len(f) > samples_per_image:
-            keep = rng.choice(len(f), size=samples_per_image, replace=False)
-            f, y = f[keep], y[keep]
-        f = np.concatenate([f, np.ones((len(f), 1))], axis=1)
-        xtx += f.T @ f
-        xty += f.T @ y
-        n += len(f)
+        n += _accumulate(xtx, xty, _neighbourhoods(feats),
+                         _subpixels(hr[..., :3].astype(np.float64) / 255.0 * (hi - lo) + lo, scale),
+                         rng, samples_per_image)
     if n < k:
         raise ValueError(f"too few training pixels ({n}) to fit {k} upsampler inputs")
     sol = np.linalg.solve(xtx + ridge * n * np.eye(k), xty)
