@@ -8,6 +8,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import distillsr
+from distillsr import kernels
 from distillsr.models.asid import ASID
 from conftest import REPO, shared_path
 
@@ -95,12 +96,20 @@ class CountCalls(TorchFunctionMode):
 
 @pytest.mark.parametrize("sharing, blocks, spatial_softmaxes", [
     ("inter", 3, 6), ("inter", 8, 6), ("none", 3, 18), ("intra", 3, 6)])
-def test_sharing_blocks_skip_query_key_and_softmax(sharing, blocks, spatial_softmaxes):
+@pytest.mark.parametrize("c_kernels", [False, True])
+def test_sharing_blocks_skip_query_key_and_softmax(sharing, blocks, spatial_softmaxes, c_kernels, monkeypatch):
+    if c_kernels and not kernels.built():
+        pytest.skip("the C kernels do not compile here")
     model = distillsr.create_model("asid", 2, blocks=blocks, sharing=sharing).eval()
+    in_c = []  # the C kernel computes scores and softmax of a computing unit in one call
+    real = kernels.attention_scores
+    monkeypatch.setattr(kernels, "attention_scores", lambda *a: in_c.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "enabled", c_kernels)
     with CountCalls({"softmax"}) as counter, torch.no_grad():
         model(torch.rand(1, 3, 16, 16))
     channel_softmaxes = 2 * blocks  # CAM: meso and global channel attention in every block
-    assert len(counter.calls) == spatial_softmaxes + channel_softmaxes
+    assert len(counter.calls) + len(in_c) == spatial_softmaxes + channel_softmaxes
+    assert len(in_c) == (spatial_softmaxes if c_kernels else 0)
     later = [n for n, _ in model.blocks[1:].named_parameters() if "qkv" in n and "attn" in n]
     if sharing == "inter":
         assert later == []

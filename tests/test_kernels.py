@@ -161,3 +161,19 @@ def test_attention_output_added_and_normalised(d, layout):
             kernels.attend_add_norm(attn[:5], v[:5], x, layout, norm)
     torch.testing.assert_close(y, ref, atol=2e-6, rtol=1e-6)
     torch.testing.assert_close(z, ref_z, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [12, 36, 7])
+def test_attention_scores_are_a_softmax_of_biased_scaled_products(d):
+    torch.manual_seed(d)
+    qkv = torch.randn(5, 64, 3 * d) * 2  # large logits: the max subtraction matters
+    bias = torch.randn(64, 64)
+    scale = d ** -0.5
+    q, k, _ = qkv.chunk(3, dim=-1)
+    with torch.inference_mode():
+        got = kernels.attention_scores(qkv, bias, scale)
+        ref = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=scale).softmax(dim=-1)
+        with pytest.raises(ValueError, match="64, 3d"):
+            kernels.attention_scores(qkv[:, :60], bias, scale)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(-1), torch.ones(5, 64))

@@ -91,7 +91,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.token_norms.argtypes = [P, P, L, L, I, I]
     lib.attend_add_norm.argtypes = [P, P, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
-    for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms):
+    lib.attention_scores.argtypes = [P, P, L, L, P, F, P, L, I, I]
+    for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores):
         f.restype = None
     _lib = lib
     return lib
@@ -233,3 +234,19 @@ def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, layout
                                b, h, w, d, g.data_ptr(), be.data_ptr(), norm.eps, LAYOUTS[layout],
                                torch.get_num_threads())
     return y, z
+
+
+def attention_scores(qkv: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias)`` of the tokens ``qkv`` (G, 64, 3d), q and k its
+    first two thirds, ``bias`` (64, 64): the (G, 64, 64) attention matrices of a computing
+    unit, in one pass that keeps each group's scores in registers."""
+    g, n, c3 = qkv.shape
+    d = c3 // 3
+    if n != 64 or c3 != 3 * d or d > 64:
+        raise ValueError(f"attention_scores needs (groups, 64, 3d) tokens with d <= 64, not {tuple(qkv.shape)}")
+    qkv = qkv.contiguous()
+    bias = _f32(bias)
+    out = torch.empty((g, 64, 64), dtype=qkv.dtype)
+    _kernels().attention_scores(qkv.data_ptr(), qkv.data_ptr() + 4 * d, 3 * d, 64 * 3 * d, bias.data_ptr(),
+                                float(scale), out.data_ptr(), g, d, torch.get_num_threads())
+    return out

@@ -221,6 +221,9 @@ ALWAYS_INLINE void dw_row(const float *x, const float *x2, long xs, long rs, int
 }
 
 /* The same with the accumulators in registers, for C = 8 NV + 4 TAIL channels (NV <= 6). */
+#ifndef PF_AHEAD
+#define PF_AHEAD 8 /* pixels */
+#endif
 typedef float v4f_ __attribute__((vector_size(16)));
 ALWAYS_INLINE v4f_ load4_(const float *p) { v4f_ v; memcpy(&v, p, sizeof v); return v; }
 ALWAYS_INLINE v4f_ gelu4(v4f_ x) {
@@ -269,6 +272,14 @@ ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long rs,
                               const long *cols, int W, int act, const int NV, const int TAIL) {
     const int C = 8 * NV + 4 * TAIL;
     for (int j = 0; j < W; j++) {
+        if (PF_AHEAD > 0 && bottom && j + PF_AHEAD < W) { /* the row below is the one read for the first time */
+            const char *p_ = (const char *)(x + rs + (long)(j + PF_AHEAD) * xs);
+            for (int o = 0; o < C * 4; o += 64) __builtin_prefetch(p_ + o, 0, 3);
+            if (x2) {
+                p_ = (const char *)(x2 + rs + (long)(j + PF_AHEAD) * xs);
+                for (int o = 0; o < C * 4; o += 64) __builtin_prefetch(p_ + o, 0, 3);
+            }
+        }
         DW_VARS(a);
         if (bias) {
 #define LOAD_BIAS(v, k) v = load8_(bias + 8 * (k))
@@ -428,4 +439,50 @@ int attend_add_norm(const float *A, const float *v, const float *x, long xs, flo
 #undef AV
     }
     return 1;
+}
+
+/* ------------------------------------------------------------------ attention scores */
+/* For every group g of 64 tokens: A[g] = softmax over keys of (scale q k^T + bias), the
+ * attention matrix of a computing unit. q and k are rows of d floats at stride ts within
+ * a group and gs between groups (slices of one qkv tensor); bias (64, 64). Two query
+ * rows at a time against all 64 keys, the keys transposed into a d x 64 block first. */
+#define MAX_D 64
+ALWAYS_INLINE void softmax_row(v8f *s, const float *bias_row, float *out) {
+    for (int u = 0; u < 8; u++) s[u] += load8_(bias_row + 8 * u);
+    v8f m = s[0];
+    for (int u = 1; u < 8; u++) m = select8(s[u] > m, s[u], m);
+    float mx = m[0];
+    for (int l = 1; l < 8; l++) mx = m[l] > mx ? m[l] : mx;
+    v8f tot = {0};
+    for (int u = 0; u < 8; u++) { s[u] = exp8(s[u] - mx); tot += s[u]; }
+    const float sum = ((tot[0] + tot[4]) + (tot[1] + tot[5])) + ((tot[2] + tot[6]) + (tot[3] + tot[7]));
+    const float inv = 1.f / sum;
+    for (int u = 0; u < 8; u++) { v8f o = s[u] * inv; memcpy(out + 8 * u, &o, sizeof o); }
+}
+
+void attention_scores(const float *q, const float *k, long ts, long gs, const float *bias,
+                      float scale, float *A, long G, int d, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long g = 0; g < G; g++) {
+        float kt[MAX_D * 64] __attribute__((aligned(64)));
+        const float *qg = q + g * gs, *kg = k + g * gs;
+        for (int j = 0; j < 64; j++)
+            for (int c = 0; c < d; c++) kt[c * 64 + j] = kg[j * ts + c];
+        float *Ag = A + g * 64 * 64;
+        for (int i = 0; i < 64; i += 2) {
+            const float *q0 = qg + i * ts, *q1 = q0 + ts;
+            v8f s0[8] = {0}, s1[8] = {0};
+            for (int c = 0; c < d; c++) {
+                const float a = q0[c], b = q1[c];
+                for (int u = 0; u < 8; u++) {
+                    const v8f kv = load8_(kt + c * 64 + 8 * u);
+                    s0[u] += a * kv;
+                    s1[u] += b * kv;
+                }
+            }
+            for (int u = 0; u < 8; u++) { s0[u] *= scale; s1[u] *= scale; }
+            softmax_row(s0, bias + i * 64, Ag + i * 64);
+            softmax_row(s1, bias + (i + 1) * 64, Ag + (i + 1) * 64);
+        }
+    }
 }

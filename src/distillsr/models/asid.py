@@ -339,8 +339,11 @@ class WindowAttention(nn.Module):
             w_v = self.proj.weight @ w_v
         if not self.computes:
             return shared, pointwise(t, w_v)
-        q, k, v = pointwise(t, torch.cat([self.qkv.weight[:2 * d], w_v])).chunk(3, dim=-1)
+        qkv = pointwise(t, torch.cat([self.qkv.weight[:2 * d], w_v]))
         bias = self.rel_pos_bias[self.rel_pos_index]
+        if _ckernels(qkv):  # scores, bias and softmax of each window in registers
+            return kernels.attention_scores(qkv, bias, self.scale), qkv[..., 2 * d:]
+        q, k, v = qkv.chunk(3, dim=-1)
         attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
         return attn, v
 
