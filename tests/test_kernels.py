@@ -67,7 +67,12 @@ def test_depthwise_conv(c, act):
             got = kernels.dwconv3x3(x, conv.weight, conv.bias, act=act)
             ref = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             ref = F.gelu(ref) if act else ref
+            again, means = kernels.dwconv3x3(x, conv.weight, conv.bias, act=act, channel_means=True)
         torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-6)
+        assert torch.equal(again, got)
+        torch.testing.assert_close(means, ref.mean(dim=(1, 2)), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="image layout"):
+        kernels.dwconv3x3(x, conv.weight, layout="meso", channel_means=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -87,7 +87,7 @@ def _load() -> Optional[ctypes.CDLL]:
     P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     lib.layer_norm.argtypes = [P, L, P, I, I, I, I, P, P, F, I, I]
     lib.add_tokens_norm.argtypes = [P, L, P, P, P, I, I, I, I, P, P, F, I, I]
-    lib.dwconv3x3.argtypes = [P, L, P, P, P, P, P, I, I, I, I, I, I, I]
+    lib.dwconv3x3.argtypes = [P, L, P, P, P, P, P, P, I, I, I, I, I, I, I]
     lib.token_norms.argtypes = [P, P, L, L, I, I]
     lib.attend_add_norm.argtypes = [P, P, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
@@ -179,9 +179,11 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
 
 def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
               act: Optional[str] = None, gate: Optional[tuple] = None,
-              layout: str = "image") -> torch.Tensor:
+              layout: str = "image", channel_means: bool = False):
     """Depthwise 3x3 conv (padding 1) of an NHWC map, ``act`` None or "gelu", output in
-    ``layout`` token order. ``gate=(x2, weight2)``: returns ``act(conv(x)) * conv2(x2)``."""
+    ``layout`` token order. ``gate=(x2, weight2)``: returns ``act(conv(x)) * conv2(x2)``.
+    ``channel_means`` (image layout): returns ``(y, y.mean(dim=(1, 2)))``, the means
+    summed while each row is still in cache."""
     if act not in (None, "gelu"):
         raise ValueError(f"unsupported activation {act!r}")
     if x.shape[-1] > MAX_CHANNELS:
@@ -195,11 +197,16 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         if x2.shape != x.shape or xs2 != xs:
             raise ValueError("the gate's input must be laid out as the conv's")
         w2 = _taps(w2)
+    if channel_means and layout != "image":
+        raise ValueError("channel_means needs the image layout")
     y = torch.empty(_tokens_shape(x.shape, layout), dtype=x.dtype)
+    sums = torch.empty((b, h, c), dtype=x.dtype) if channel_means else None
     taps, bias = _taps(weight), _f32(bias)  # kept alive through the call
     _kernels().dwconv3x3(x.data_ptr(), xs, taps.data_ptr(), _ptr(bias), _ptr(x2), _ptr(w2),
-                   y.data_ptr(), b, h, w, c, 1 if act == "gelu" else 0, LAYOUTS[layout],
+                   y.data_ptr(), _ptr(sums), b, h, w, c, 1 if act == "gelu" else 0, LAYOUTS[layout],
                    torch.get_num_threads())
+    if channel_means:
+        return y, sums.sum(dim=1) / (h * w)
     return y
 
 

@@ -311,10 +311,11 @@ ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long rs,
 }
 
 /* Depthwise 3x3 conv, zero padding 1; wt (9, C) tap-major, bias may be NULL; act 1: GELU.
- * With x2/wt2 (same pixels, no bias): out = act(dw(x)) * dw2(x2), the GFN gate. */
+ * With x2/wt2 (same pixels, no bias): out = act(dw(x)) * dw2(x2), the GFN gate.
+ * row_sums (B*H, C) or NULL (layout 0 only): the sum of every output row over its pixels. */
 void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
-               const float *x2, const float *wt2, float *y, int B, int H, int W, int C,
-               int act, int layout, int threads) {
+               const float *x2, const float *wt2, float *y, float *row_sums, int B, int H, int W,
+               int C, int act, int layout, int threads) {
     long cols[W];
     for (int j = 0; j < W; j++) cols[j] = col_part(layout, j, H, W);
     const long rs = (long)W * xs;
@@ -336,6 +337,12 @@ void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
         }
 #undef ROW
 #undef REG
+        if (row_sums) { /* layout image: the row just written, still in cache */
+            float *rs_ = row_sums + bi * C;
+            for (int c = 0; c < C; c++) rs_[c] = 0.f;
+            for (int j = 0; j < W; j++)
+                for (int c = 0; c < C; c++) rs_[c] += yr[(long)j * C + c];
+        }
     }
 }
 

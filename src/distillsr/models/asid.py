@@ -200,9 +200,12 @@ class SE(nn.Module):
         self.fc1 = nn.Linear(dim, dim // 4, bias=False)
         self.fc2 = nn.Linear(dim // 4, dim, bias=False)
 
+    def gate(self, mean: torch.Tensor) -> torch.Tensor:
+        """(B, d) channel means -> (B, d) gate."""
+        return torch.sigmoid(self.fc2(F.silu(self.fc1(mean))))
+
     def forward(self, x):
-        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(x.mean(dim=(1, 2))))))
-        return x * gate[:, None, None, :]
+        return x * self.gate(x.mean(dim=(1, 2)))[:, None, None, :]
 
 
 class LM(nn.Module):
@@ -217,10 +220,13 @@ class LM(nn.Module):
 
     def forward(self, x):
         y = conv_nhwc(self.conv_in, x, act="gelu")
-        if _ckernels(y):
-            y = kernels.dwconv3x3(y, self.dwconv.weight, self.dwconv.bias, act="gelu")
-        else:
-            y = conv_nhwc(self.dwconv, y, act="gelu")
+        if _ckernels(y) and y.shape[0] == 1:
+            # the dwconv sums its output for SE; the SE gate (one per channel) is folded
+            # into conv_out's weight instead of multiplying the map (exact algebra)
+            y, mean = kernels.dwconv3x3(y, self.dwconv.weight, self.dwconv.bias, act="gelu", channel_means=True)
+            w_out = self.conv_out.weight.flatten(1) * self.se.gate(mean)
+            return pointwise(y, w_out, self.conv_out.bias, add=x)
+        y = conv_nhwc(self.dwconv, y, act="gelu")
         return pointwise(self.se(y), self.conv_out.weight, self.conv_out.bias, add=x)
 
 
@@ -415,8 +421,9 @@ class ChannelAttention(nn.Module):
         attn = (q.transpose(1, 2) @ k * (self.temperature / (nq[:, :, None] * nk[:, None, :])))
         attn = attn.softmax(dim=-1)  # (G, C, C)
         w_out = self.project_out.weight.flatten(1)
-        if layout == "grid" and _shortcuts():
-            # 64 groups: project_out (W_o) folded into the 64 small matrices, W_o A^T
+        if _shortcuts():
+            # project_out (W_o) folded into the small C x C matrices, (W_o A)^T: fewer
+            # products than W_o on every pixel and one pass less over the map
             y = v @ (w_out @ attn).transpose(1, 2)
         else:
             y = pointwise(v @ attn.transpose(1, 2), w_out)
