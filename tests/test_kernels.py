@@ -112,6 +112,16 @@ def test_not_used_with_autograd_or_other_dtypes():
         assert not kernels.available(x.double()) and not kernels.available(x.bfloat16())
 
 
+def test_built_from_the_source_read_at_import(monkeypatch, tmp_path):
+    # a process keeps the C source its Python side was imported with: replacing or
+    # removing nhwc.c on disk afterwards cannot give it functions of other signatures
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "gone.c")
+    monkeypatch.setenv("DISTILLSR_CACHE", str(tmp_path / "cache"))
+    built = kernels._compile()
+    assert built is not None and built.exists()
+    assert sorted(p.suffix for p in built.parent.iterdir()) == [".so"]  # no stray files
+
+
 def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = distillsr.create_model("asid", 3).eval()

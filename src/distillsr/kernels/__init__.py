@@ -27,6 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nhwc.c")
+# Read at import, so that the compiled functions always match the signatures declared
+# below, even if the package is replaced on disk while a process runs (a long training
+# run whose first validation compiles the kernels).
+_SOURCE_TEXT = SOURCE.read_bytes() if SOURCE.exists() else b""
 LAYOUTS = {"image": 0, "meso": 1, "global": 2, "grid": 3}
 MAX_CHANNELS = 256  # MAX_C in nhwc.c
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
@@ -42,7 +46,10 @@ def cache_dir() -> Path:
 
 
 def _compile() -> Optional[Path]:
-    source = SOURCE.read_bytes()
+    source = _SOURCE_TEXT
+    if not source:
+        log.info("%s is missing: fused CPU kernels off", SOURCE)
+        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.info("no C compiler found: fused CPU kernels off")
@@ -56,8 +63,10 @@ def _compile() -> Optional[Path]:
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    src = Path(tmp).with_suffix(".c")
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+        src.write_bytes(source)
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(src), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
     except (OSError, subprocess.SubprocessError) as e:
@@ -66,6 +75,8 @@ def _compile() -> Optional[Path]:
                  detail.decode(errors="replace")[-500:] or e)
         Path(tmp).unlink(missing_ok=True)
         return None
+    finally:
+        src.unlink(missing_ok=True)
     return target
 
 
