@@ -161,10 +161,11 @@ def test_fused_kernels_false_turns_them_off(monkeypatch):
 
 @pytest.mark.parametrize("d", [12, 24, 36])
 @pytest.mark.parametrize("layout", ["meso", "global"])
-def test_attention_output_added_and_normalised(d, layout):
+@pytest.mark.parametrize("hw", [(16, 24), (8, 80)])  # grid rows of 3 groups, of 8 + 2
+def test_attention_output_added_and_normalised(d, layout, hw):
     torch.manual_seed(d)
-    x, norm = _map(2, 16, 24, d), _norm(d, eps=1e-6)
-    groups = 2 * 2 * 3
+    x, norm = _map(2, *hw, d), _norm(d, eps=1e-6)
+    groups = 2 * (hw[0] // 8) * (hw[1] // 8)
     attn = torch.softmax(torch.randn(groups, 64, 64) * 3, dim=-1)
     v = torch.randn(groups, 64, d)
     with torch.inference_mode():

@@ -19,6 +19,9 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define MAX_C 256 /* dwconv3x3: channels at most (the caller checks) */
+#ifndef PF_AHEAD
+#define PF_AHEAD 8 /* software prefetch distance, pixels (0: none) */
+#endif
 
 static long row_part(int layout, int b, int i, int H, int W) {
     long h = H / 8, w = W / 8;
@@ -221,9 +224,6 @@ ALWAYS_INLINE void dw_row(const float *x, const float *x2, long xs, long rs, int
 }
 
 /* The same with the accumulators in registers, for C = 8 NV + 4 TAIL channels (NV <= 6). */
-#ifndef PF_AHEAD
-#define PF_AHEAD 8 /* pixels */
-#endif
 typedef float v4f_ __attribute__((vector_size(16)));
 ALWAYS_INLINE v4f_ load4_(const float *p) { v4f_ v; memcpy(&v, p, sizeof v); return v; }
 ALWAYS_INLINE v4f_ gelu4(v4f_ x) {
@@ -400,9 +400,21 @@ static long pixel_of(int layout, long g, int m, int H, int W) {
     return (b * H + i) * W + j;
 }
 
+#define AV_STORE(X, r)                                                                         \
+    do {                                                                                       \
+        float *op = buf + (i0 + (r)) * d;                                                      \
+        memcpy(op, &X##0, sizeof(v8f));                                                        \
+        if (NV > 1) memcpy(op + 8, &X##1, sizeof(v8f));                                        \
+        if (NV > 2) memcpy(op + 16, &X##2, sizeof(v8f));                                       \
+        if (NV > 3) memcpy(op + 24, &X##3, sizeof(v8f));                                       \
+        if (TAIL) memcpy(op + 8 * NV, &X##t, sizeof(v4f_));                                    \
+    } while (0)
+
+/* buf NULL: each row of A v is added to its pixel and normalised at once (meso windows,
+ * whose pixels are 8 runs of 8); otherwise the rows are written to buf (64 x d). */
 ALWAYS_INLINE void attend_group(const float *A, const float *v, const float *x, long xs, float *out,
-                                float *z, long g, int H, int W, const float *ln_g, const float *ln_b,
-                                float eps, int layout, const int NV, const int TAIL) {
+                                float *z, float *buf, long g, int H, int W, const float *ln_g,
+                                const float *ln_b, float eps, int layout, const int NV, const int TAIL) {
     const int d = 8 * NV + 4 * TAIL;
     for (int i0 = 0; i0 < 64; i0 += 4) {
         AV_VARS(p); AV_VARS(q); AV_VARS(r); AV_VARS(s);
@@ -420,7 +432,34 @@ ALWAYS_INLINE void attend_group(const float *A, const float *v, const float *x, 
             AV_ROW_FMA(r, a2[j]);
             AV_ROW_FMA(s, a3[j]);
         }
-        AV_FINISH(p, 0); AV_FINISH(q, 1); AV_FINISH(r, 2); AV_FINISH(s, 3);
+        if (buf) {
+            AV_STORE(p, 0); AV_STORE(q, 1); AV_STORE(r, 2); AV_STORE(s, 3);
+        } else {
+            AV_FINISH(p, 0); AV_FINISH(q, 1); AV_FINISH(r, 2); AV_FINISH(s, 3);
+        }
+    }
+}
+
+/* A v of up to 8 neighbouring global groups (gj0 .. gj0 + n - 1 in one grid row gi), then
+ * member by member: those groups' members m are n neighbouring pixels of one image row,
+ * so the sums and LayerNorms are written in runs of n pixels instead of one by one. */
+ALWAYS_INLINE void attend_global_run(const float *A, const float *v, const float *x, long xs,
+                                     float *out, float *z, long g0, int n, int H, int W,
+                                     const float *ln_g, const float *ln_b, float eps,
+                                     const int NV, const int TAIL) {
+    const int d = 8 * NV + 4 * TAIL;
+    float buf[8 * 64 * 36] __attribute__((aligned(64)));
+    for (int u = 0; u < n; u++)
+        attend_group(A + (g0 + u) * 4096, v + (g0 + u) * 64 * d, x, xs, out, z, buf + u * 64 * d,
+                     g0 + u, H, W, ln_g, ln_b, eps, 2, NV, TAIL);
+    for (int m = 0; m < 64; m++) {
+        const long p0 = pixel_of(2, g0, m, H, W); /* the next groups' members follow it */
+        for (int u = 0; u < n; u++) {
+            const float *xp = x + (p0 + u) * xs, *yp = buf + (u * 64 + m) * d;
+            float *op = out + (p0 + u) * d;
+            for (int c = 0; c < d; c++) op[c] = xp[c] + yp[c];
+            norm_pixel(op, z + (p0 + u) * d, d, ln_g, ln_b, eps);
+        }
     }
 }
 
@@ -430,10 +469,30 @@ int attend_add_norm(const float *A, const float *v, const float *x, long xs, flo
                     int layout, int threads) {
     if ((layout != 1 && layout != 2) || d % 4 || d < 12 || d > 36) return 0;
     const long groups = (long)B * (H / 8) * (W / 8);
+    if (layout == 2) { /* runs of 8 groups along each grid row */
+        const int w = W / 8, runs = (w + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long r = 0; r < groups / w * runs; r++) {
+            const long g0 = r / runs * w + r % runs * 8;
+            const int n = (int)(w - r % runs * 8 < 8 ? w - r % runs * 8 : 8);
+#define AV(nv, tail) attend_global_run(A, v, x, xs, out, z, g0, n, H, W, ln_g, ln_b, eps, nv, tail)
+            switch (d) {
+            case 12: AV(1, 1); break;
+            case 16: AV(2, 0); break;
+            case 20: AV(2, 1); break;
+            case 24: AV(3, 0); break;
+            case 28: AV(3, 1); break;
+            case 32: AV(4, 0); break;
+            default: AV(4, 1); break; /* 36 */
+            }
+#undef AV
+        }
+        return 1;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long g = 0; g < groups; g++) {
         const float *Ag = A + g * 64 * 64, *vg = v + g * 64 * d;
-#define AV(nv, tail) attend_group(Ag, vg, x, xs, out, z, g, H, W, ln_g, ln_b, eps, layout, nv, tail)
+#define AV(nv, tail) attend_group(Ag, vg, x, xs, out, z, NULL, g, H, W, ln_g, ln_b, eps, layout, nv, tail)
         switch (d) {
         case 12: AV(1, 1); break;
         case 16: AV(2, 0); break;

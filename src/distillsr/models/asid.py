@@ -294,9 +294,9 @@ def add_tokens_norm(x: torch.Tensor, t: torch.Tensor, kind: str,
 
 def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, kind: str,
                     norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``add_tokens_norm(x, attn @ v, kind, norm)``; for 8x8 windows the C kernel adds
-    each window's ``attn @ v`` into the map as it computes it."""
-    if kind == "meso" and _ckernels(x):
+    """``add_tokens_norm(x, attn @ v, kind, norm)``; the C kernel adds each window's (or
+    grid group's) ``attn @ v`` into the map as it computes it."""
+    if _ckernels(x):
         out = kernels.attend_add_norm(attn, v, x, kind, norm)
         if out is not None:
             return out
