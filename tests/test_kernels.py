@@ -167,9 +167,10 @@ def test_attention_output_added_and_normalised(d, layout, hw):
     x, norm = _map(2, *hw, d), _norm(d, eps=1e-6)
     groups = 2 * (hw[0] // 8) * (hw[1] // 8)
     attn = torch.softmax(torch.randn(groups, 64, 64) * 3, dim=-1)
-    v = torch.randn(groups, 64, d)
+    v = torch.randn(groups, 64, 3 * d)[..., 2 * d:]  # the values of a qkv tensor, read in place
     with torch.inference_mode():
         y, z = kernels.attend_add_norm(attn, v, x, layout, norm)
+        assert torch.equal(kernels.attend_add_norm(attn, v.contiguous(), x, layout, norm)[0], y)
         ref = x + from_tokens(torch.bmm(attn, v), layout, x.shape)
         ref_z = norm(ref)
         assert kernels.attend_add_norm(attn, v[..., :10], x[..., :10], layout, norm) is None  # width not compiled

@@ -100,7 +100,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.add_tokens_norm.argtypes = [P, L, P, P, P, I, I, I, I, P, P, F, I, I]
     lib.dwconv3x3.argtypes = [P, L, P, P, P, P, P, P, I, I, I, I, I, I, I]
     lib.token_norms.argtypes = [P, P, L, L, I, I]
-    lib.attend_add_norm.argtypes = [P, P, P, L, P, P, I, I, I, I, P, P, F, I, I]
+    lib.attend_add_norm.argtypes = [P, P, L, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
     lib.attention_scores.argtypes = [P, P, L, L, P, F, P, L, I, I]
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores):
@@ -242,13 +242,15 @@ def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, layout
     b, h, w, d = x.shape
     if layout not in ("meso", "global") or d % 4 or not 12 <= d <= 36:
         return None
-    attn, v = attn.contiguous(), v.contiguous()
+    attn = attn.contiguous()
+    if v.stride(2) != 1 or v.stride(0) != 64 * v.stride(1):  # rows of d at one stride (a slice is fine)
+        v = v.contiguous()
     if attn.shape != (b * (h // 8) * (w // 8), 64, 64) or v.shape != (attn.shape[0], 64, d):
         raise ValueError(f"attention {tuple(attn.shape)} and values {tuple(v.shape)} do not fit a "
                          f"{tuple(x.shape)} map in {layout} windows")
     y, z = torch.empty((b, h, w, d)), torch.empty((b, h, w, d))
     g, be = _f32(norm.weight), _f32(norm.bias)
-    _kernels().attend_add_norm(attn.data_ptr(), v.data_ptr(), x.data_ptr(), xs, y.data_ptr(), z.data_ptr(),
+    _kernels().attend_add_norm(attn.data_ptr(), v.data_ptr(), v.stride(1), x.data_ptr(), xs, y.data_ptr(), z.data_ptr(),
                                b, h, w, d, g.data_ptr(), be.data_ptr(), norm.eps, LAYOUTS[layout],
                                torch.get_num_threads())
     return y, z

@@ -363,7 +363,7 @@ void token_norms(const float *t, float *out, long G, long P, int C, int threads)
 
 /* ------------------------------------------------------------------ attention output */
 /* For every window/group g of 64 tokens (layout 1 meso, 2 global): y = A[g] v[g]
- * (64 x 64 times 64 x d), then at the pixel p of token i: out[p] = x[p] + y[i] and
+ * (64 x 64 times 64 x d; the rows of v at stride vs, a slice of a qkv tensor), then at the pixel p of token i: out[p] = x[p] + y[i] and
  * z[p] = LayerNorm(out[p]): the attention's residual add and the next LayerNorm,
  * without writing y. d = 8 NV + 4 TAIL. */
 #define AV_ROW_FMA(X, s)                                             \
@@ -412,7 +412,7 @@ static long pixel_of(int layout, long g, int m, int H, int W) {
 
 /* buf NULL: each row of A v is added to its pixel and normalised at once (meso windows,
  * whose pixels are 8 runs of 8); otherwise the rows are written to buf (64 x d). */
-ALWAYS_INLINE void attend_group(const float *A, const float *v, const float *x, long xs, float *out,
+ALWAYS_INLINE void attend_group(const float *A, const float *v, long vs, const float *x, long xs, float *out,
                                 float *z, float *buf, long g, int H, int W, const float *ln_g,
                                 const float *ln_b, float eps, int layout, const int NV, const int TAIL) {
     const int d = 8 * NV + 4 * TAIL;
@@ -420,7 +420,7 @@ ALWAYS_INLINE void attend_group(const float *A, const float *v, const float *x, 
         AV_VARS(p); AV_VARS(q); AV_VARS(r); AV_VARS(s);
         const float *a0 = A + i0 * 64, *a1 = a0 + 64, *a2 = a1 + 64, *a3 = a2 + 64;
         for (int j = 0; j < 64; j++) {
-            const float *vj = v + j * d;
+            const float *vj = v + j * vs;
             v8f v0 = load8_(vj), v1 = {0}, v2 = {0}, v3 = {0};
             v4f_ vt = {0};
             if (NV > 1) v1 = load8_(vj + 8);
@@ -443,14 +443,14 @@ ALWAYS_INLINE void attend_group(const float *A, const float *v, const float *x, 
 /* A v of up to 8 neighbouring global groups (gj0 .. gj0 + n - 1 in one grid row gi), then
  * member by member: those groups' members m are n neighbouring pixels of one image row,
  * so the sums and LayerNorms are written in runs of n pixels instead of one by one. */
-ALWAYS_INLINE void attend_global_run(const float *A, const float *v, const float *x, long xs,
+ALWAYS_INLINE void attend_global_run(const float *A, const float *v, long vs, const float *x, long xs,
                                      float *out, float *z, long g0, int n, int H, int W,
                                      const float *ln_g, const float *ln_b, float eps,
                                      const int NV, const int TAIL) {
     const int d = 8 * NV + 4 * TAIL;
     float buf[8 * 64 * 36] __attribute__((aligned(64)));
     for (int u = 0; u < n; u++)
-        attend_group(A + (g0 + u) * 4096, v + (g0 + u) * 64 * d, x, xs, out, z, buf + u * 64 * d,
+        attend_group(A + (g0 + u) * 4096, v + (g0 + u) * 64 * vs, vs, x, xs, out, z, buf + u * 64 * d,
                      g0 + u, H, W, ln_g, ln_b, eps, 2, NV, TAIL);
     for (int m = 0; m < 64; m++) {
         const long p0 = pixel_of(2, g0, m, H, W); /* the next groups' members follow it */
@@ -464,7 +464,7 @@ ALWAYS_INLINE void attend_global_run(const float *A, const float *v, const float
 }
 
 /* returns 0 where d is not one of the compiled widths (12, 16, 24, 28, 32, 36) */
-int attend_add_norm(const float *A, const float *v, const float *x, long xs, float *out, float *z,
+int attend_add_norm(const float *A, const float *v, long vs, const float *x, long xs, float *out, float *z,
                     int B, int H, int W, int d, const float *ln_g, const float *ln_b, float eps,
                     int layout, int threads) {
     if ((layout != 1 && layout != 2) || d % 4 || d < 12 || d > 36) return 0;
@@ -475,7 +475,7 @@ int attend_add_norm(const float *A, const float *v, const float *x, long xs, flo
         for (long r = 0; r < groups / w * runs; r++) {
             const long g0 = r / runs * w + r % runs * 8;
             const int n = (int)(w - r % runs * 8 < 8 ? w - r % runs * 8 : 8);
-#define AV(nv, tail) attend_global_run(A, v, x, xs, out, z, g0, n, H, W, ln_g, ln_b, eps, nv, tail)
+#define AV(nv, tail) attend_global_run(A, v, vs, x, xs, out, z, g0, n, H, W, ln_g, ln_b, eps, nv, tail)
             switch (d) {
             case 12: AV(1, 1); break;
             case 16: AV(2, 0); break;
@@ -491,8 +491,8 @@ int attend_add_norm(const float *A, const float *v, const float *x, long xs, flo
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long g = 0; g < groups; g++) {
-        const float *Ag = A + g * 64 * 64, *vg = v + g * 64 * d;
-#define AV(nv, tail) attend_group(Ag, vg, x, xs, out, z, NULL, g, H, W, ln_g, ln_b, eps, layout, nv, tail)
+        const float *Ag = A + g * 64 * 64, *vg = v + g * 64 * vs;
+#define AV(nv, tail) attend_group(Ag, vg, vs, x, xs, out, z, NULL, g, H, W, ln_g, ln_b, eps, layout, nv, tail)
         switch (d) {
         case 12: AV(1, 1); break;
         case 16: AV(2, 0); break;

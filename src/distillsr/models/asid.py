@@ -219,6 +219,8 @@ class LM(nn.Module):
         self.conv_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x):
+        if _fusable(x) and not x.is_contiguous():
+            x = x.contiguous()  # a channel slice: copied once here, not by both oneDNN products
         y = conv_nhwc(self.conv_in, x, act="gelu")
         if _ckernels(y) and y.shape[0] == 1:
             # the dwconv sums its output for SE; the SE gate (one per channel) is folded
