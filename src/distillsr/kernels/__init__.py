@@ -103,6 +103,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.attend_add_norm.argtypes = [P, P, L, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
     lib.attention_scores.argtypes = [P, P, L, L, P, F, P, L, I, I]
+    lib.linear_small.argtypes = [P, L, P, P, P, P, L, I, I, I, I]
+    lib.linear_small.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores):
         f.restype = None
     _lib = lib
@@ -270,3 +272,29 @@ def attention_scores(qkv: torch.Tensor, bias: torch.Tensor, scale: float) -> tor
     _kernels().attention_scores(qkv.data_ptr(), qkv.data_ptr() + 4 * d, 3 * d, 64 * 3 * d, bias.data_ptr(),
                                 float(scale), out.data_ptr(), g, d, torch.get_num_threads())
     return out
+
+
+LINEAR_WIDTHS = (12, 16, 24, 32, 36, 48)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           act: Optional[str] = None, add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``act(x W^T + b)`` (+ ``add``) over the last dimension of ``x`` (..., K), for
+    ``weight`` (N, K) with N in ``LINEAR_WIDTHS``; rows of ``x`` may be strided (a channel
+    slice). Returns None for other widths (the caller uses oneDNN)."""
+    n, k = weight.shape[0], weight.shape[-1]
+    if n not in LINEAR_WIDTHS or act not in (None, "gelu") or x.shape[-1] != k:
+        return None
+    x2 = x.reshape(-1, k) if x.dim() != 2 else x
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    wt = weight.detach().reshape(n, k).t().contiguous().float()
+    b = _f32(bias)
+    a = None
+    if add is not None:
+        a = add.reshape(m, n).contiguous()
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
+    _kernels().linear_small(x2.data_ptr(), x2.stride(0), wt.data_ptr(), _ptr(b), _ptr(a), y.data_ptr(),
+                            m, k, n, 1 if act == "gelu" else 0, torch.get_num_threads())
+    return y

@@ -115,6 +115,13 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     """``act(x W^T + b)`` or ``x W^T + b + add`` over the channels of an NHWC map
     (a 1x1 conv or a linear layer; ``weight`` (out, in) or (out, in, 1, 1))."""
     w = weight.flatten(1)
+    n, k = w.shape
+    if act is None and n >= 16 and (add is not None or k >= n) and _ckernels(x):
+        # small products (and those with a residual add) in the C kernel, faster than
+        # oneDNN there; GELU and the widening products stay with oneDNN
+        y = kernels.linear(x, w, bias, add=add)
+        if y is not None:
+            return y
     if _fusable(x):
         x2 = x.reshape(-1, x.shape[-1])
         if add is not None:
