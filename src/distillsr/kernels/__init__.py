@@ -1,9 +1,12 @@
 """Fused CPU kernels for inference on NHWC float32 maps, compiled on first use.
 
-``nhwc.c`` holds a few memory-bound steps of ASID that PyTorch runs as several passes
-over a map (or slowly, for maps of 12-48 channels): LayerNorm over channels written
-straight into window/grid token order, the residual add back from tokens fused with the
-next LayerNorm, and depthwise 3x3 convs with GELU or the GFN's gate. The C file is
+``nhwc.c`` holds the steps of ASID that PyTorch runs as several passes over a map (or
+slowly, for maps of 12-48 channels): LayerNorm over channels written straight into
+window/grid token order, the residual add back from tokens fused with the next LayerNorm,
+depthwise 3x3 convs with GELU or the GFN's gate (and the channel means SE needs), the
+attention output ``A v`` added into the map and normalised, a computing unit's scores, bias
+and softmax in one pass, and 1x1 convs of 12-48 output channels with bias or a residual
+add (where oneDNN reaches a third to a half of the machine's rate). The C file is
 compiled once with the system C compiler (``cc -O3 -march=native -fopenmp``) into
 ``$DISTILLSR_CACHE/kernels`` (default ``~/.cache/distillsr/kernels``) and loaded with
 ctypes. Without a compiler, or with ``DISTILLSR_KERNELS=0``, ``available()`` is False
