@@ -467,7 +467,7 @@ ALWAYS_INLINE void attend_global_run(const float *A, const float *v, long vs, co
                                      const float *ln_g, const float *ln_b, float eps,
                                      const int NV, const int TAIL) {
     const int d = 8 * NV + 4 * TAIL;
-    float buf[8 * 64 * 36] __attribute__((aligned(64)));
+    float buf[8 * 64 * 36] __attribute__((aligned(64))); /* d <= 36 (attend_add_norm checks) */
     for (int u = 0; u < n; u++)
         attend_group(A + (g0 + u) * 4096, v + (g0 + u) * 64 * vs, vs, x, xs, out, z, buf + u * 64 * d,
                      g0 + u, H, W, ln_g, ln_b, eps, 2, NV, TAIL);
@@ -482,7 +482,19 @@ ALWAYS_INLINE void attend_global_run(const float *A, const float *v, long vs, co
     }
 }
 
-/* returns 0 where d is not one of the compiled widths (12, 16, 24, 28, 32, 36) */
+/* Calls AV(nv, tail) for d = 8 nv + 4 tail, d a multiple of 4 from 12 to 36. */
+#define BY_WIDTH(d, AV)                         \
+    switch (d) {                                \
+    case 12: AV(1, 1); break;                   \
+    case 16: AV(2, 0); break;                   \
+    case 20: AV(2, 1); break;                   \
+    case 24: AV(3, 0); break;                   \
+    case 28: AV(3, 1); break;                   \
+    case 32: AV(4, 0); break;                   \
+    default: AV(4, 1); break; /* 36 */          \
+    }
+
+/* returns 0 where d is not one of the compiled widths (a multiple of 4 from 12 to 36) */
 int attend_add_norm(const float *A, const float *v, long vs, const float *x, long xs, float *out, float *z,
                     int B, int H, int W, int d, const float *ln_g, const float *ln_b, float eps,
                     int layout, int threads) {
@@ -495,15 +507,7 @@ int attend_add_norm(const float *A, const float *v, long vs, const float *x, lon
             const long g0 = r / runs * w + r % runs * 8;
             const int n = (int)(w - r % runs * 8 < 8 ? w - r % runs * 8 : 8);
 #define AV(nv, tail) attend_global_run(A, v, vs, x, xs, out, z, g0, n, H, W, ln_g, ln_b, eps, nv, tail)
-            switch (d) {
-            case 12: AV(1, 1); break;
-            case 16: AV(2, 0); break;
-            case 20: AV(2, 1); break;
-            case 24: AV(3, 0); break;
-            case 28: AV(3, 1); break;
-            case 32: AV(4, 0); break;
-            default: AV(4, 1); break; /* 36 */
-            }
+            BY_WIDTH(d, AV);
 #undef AV
         }
         return 1;
@@ -512,15 +516,7 @@ int attend_add_norm(const float *A, const float *v, long vs, const float *x, lon
     for (long g = 0; g < groups; g++) {
         const float *Ag = A + g * 64 * 64, *vg = v + g * 64 * vs;
 #define AV(nv, tail) attend_group(Ag, vg, vs, x, xs, out, z, NULL, g, H, W, ln_g, ln_b, eps, layout, nv, tail)
-        switch (d) {
-        case 12: AV(1, 1); break;
-        case 16: AV(2, 0); break;
-        case 20: AV(2, 1); break;
-        case 24: AV(3, 0); break;
-        case 28: AV(3, 1); break;
-        case 32: AV(4, 0); break;
-        default: AV(4, 1); break; /* 36 */
-        }
+        BY_WIDTH(d, AV);
 #undef AV
     }
     return 1;
