@@ -32,6 +32,7 @@ def main():
     result = evaluate(model, model.scale, args.data, args.datasets, progress=False)
     print(format_table(result))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     psnr = {r["dataset"]: round(r["psnr"], 4) for r in result["results"]}
     ssim = {r["dataset"]: round(r["ssim"], 5) for r in result["results"]}
