@@ -34,9 +34,16 @@ def mean_psnr(psnr: dict, datasets) -> float:
 
 
 def merge_notes(old: str, new: str) -> str:
-    """The old notes without their trailing SSIM sentence, then the new text."""
-    old = _SSIM_SENTENCE.sub("", old or "").strip()
-    return " ".join(t for t in (old, new.strip()) if t)
+    """The old notes without their trailing SSIM sentence, then the new text.
+
+    A closing sentence of the old notes that the new text ends with too (a remark such as "Far
+    below the paper.") moves to the end instead of being repeated.
+    """
+    old, new = _SSIM_SENTENCE.sub("", old or "").strip(), new.strip()
+    sentences = re.split(r"(?<=\.)\s+", old)
+    if len(sentences) > 1 and new.endswith(sentences[-1]):
+        old = old[:-len(sentences[-1])].rstrip()
+    return " ".join(t for t in (old, new) if t)
 
 
 def read_card(folder: Path, name: str, scale: int):

@@ -24,6 +24,11 @@ def test_merge_notes_keeps_history_and_drops_the_old_ssim_sentence():
     old = 'Run 1 (300 iterations). Run 2 (200). SSIM (wang): {"Set5": 0.9, "Set14": 0.8}.'
     assert ship.merge_notes(old, " Run 3 (100). ") == "Run 1 (300 iterations). Run 2 (200). Run 3 (100)."
     assert ship.merge_notes("", "Run 1.") == "Run 1."
+    # a closing remark the new text repeats moves to the end
+    assert ship.merge_notes("Run 1. Far below the paper. SSIM (wang): {}.", "Run 2. Far below the paper.") \
+        == "Run 1. Run 2. Far below the paper."
+    assert ship.merge_notes("Far below the paper.", "Run 2. Far below the paper.") \
+        == "Far below the paper. Run 2. Far below the paper."
     # a SSIM mention that is not the trailing sentence stays
     assert ship.merge_notes("SSIM (wang): {} was low. Run 1.", "Run 2.") == "SSIM (wang): {} was low. Run 1. Run 2."
 
