@@ -65,6 +65,9 @@ def _nhwc(y: torch.Tensor) -> torch.Tensor:
 _MKLDNN = getattr(torch.ops, "mkldnn", None)
 _HAS_FUSED = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
               and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_convolution_pointwise"))
+# oneDNN has no bf16 primitives on CPUs without AVX-512 (it fails to create them): there bf16 runs op by op.
+_FUSED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _HAS_FUSED and getattr(
+    _MKLDNN, "_is_mkldnn_bf16_supported", lambda: False)() else ())
 
 
 class fused_kernels:
@@ -85,7 +88,7 @@ class fused_kernels:
 
 def _fusable(x: torch.Tensor) -> bool:
     return (fused_kernels.enabled and _HAS_FUSED and type(x) is torch.Tensor
-            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
