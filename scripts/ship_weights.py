@@ -19,7 +19,7 @@ from pathlib import Path
 
 import distillsr
 from distillsr.engine.evaluate import evaluate, format_table
-from distillsr.pretrained import PACKAGE_WEIGHTS_DIR, save_pretrained
+from distillsr.pretrained import PACKAGE_WEIGHTS_DIR, PretrainedError, get_pretrained, save_pretrained
 
 # ship_weights ends every card's notes with this sentence; appended notes replace it with a new one.
 _SSIM_SENTENCE = re.compile(r"\s*SSIM \(wang\): \{[^{}]*\}\.\s*$")
@@ -46,11 +46,6 @@ def merge_notes(old: str, new: str) -> str:
     return " ".join(t for t in (old, new) if t)
 
 
-def read_card(folder: Path, name: str, scale: int):
-    path = folder / f"{name.lower()}_x{scale}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
@@ -72,11 +67,14 @@ def main(argv=None) -> int:
 
     model = distillsr.load_model(args.checkpoint)
     folder = Path(args.to)
-    old = read_card(folder, args.name, model.scale)
-    if (args.append_notes is not None or args.only_if_better) and old is None:
-        print(f"error: no card {args.name.lower()}_x{model.scale}.json in {folder} to append to or "
-              f"compare with", file=sys.stderr)
-        return 2
+    old = None
+    if args.append_notes is not None or args.only_if_better:
+        try:
+            old = get_pretrained(args.name, model.scale, weights_dir=folder)
+        except PretrainedError as e:
+            print(f"error: no card {args.name.lower()}_x{model.scale}.json in {folder} to append to or "
+                  f"compare with ({e})", file=sys.stderr)
+            return 2
 
     result = evaluate(model, model.scale, args.data, args.datasets, progress=False)
     print(format_table(result))
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
     if args.only_if_better:
         new_mean = mean_psnr(psnr, args.datasets)
         try:
-            old_mean = mean_psnr(old.get("psnr", {}), args.datasets)
+            old_mean = mean_psnr(old.psnr, args.datasets)
         except KeyError as e:
             print(f"error: the existing card cannot be compared: {e.args[0]}", file=sys.stderr)
             return 2
@@ -100,8 +98,8 @@ def main(argv=None) -> int:
         print(f"better: {verdict}")
 
     if args.append_notes is not None:
-        notes = merge_notes(old.get("notes", ""), args.append_notes)
-        training_data = old.get("training_data", "") if args.training_data is None else args.training_data
+        notes = merge_notes(old.notes, args.append_notes)
+        training_data = old.training_data if args.training_data is None else args.training_data
     else:
         notes, training_data = args.notes, args.training_data or ""
     notes = (notes + f" SSIM (wang): {json.dumps(ssim)}.").strip()
