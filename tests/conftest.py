@@ -21,3 +21,12 @@ def _few_threads():
     import torch
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_weights(tmp_path_factory, monkeypatch):
+    """Each test gets an empty weights cache, and release downloads go to a closed local
+    port unless the test serves them itself: no test depends on the user's cache or the network."""
+    monkeypatch.setenv("DISTILLSR_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("DISTILLSR_WEIGHTS_MIRROR", "http://127.0.0.1:9")
+    yield

@@ -13,7 +13,7 @@ from .engine.upscale import DEFAULT_BLEND, DEFAULT_OVERLAP, Upscaler, load_runne
 
 __all__ = ["upscale"]
 
-ModelArg = Union[str, os.PathLike, torch.nn.Module]
+ModelArg = Union[str, os.PathLike, torch.nn.Module, None]
 _CACHE: Dict[Tuple[str, int, str], torch.nn.Module] = {}
 
 
@@ -22,13 +22,16 @@ def _runner(model: ModelArg, scale: int, device: torch.device):
         return load_runner(model, scale, device=device)
     if isinstance(model, os.PathLike) or (isinstance(model, str) and Path(model).is_file()):
         return load_runner(scale=scale, weights=model, device=device)
+    if model is None:  # the best weights present for this scale (never the network)
+        from .pretrained import choose_default
+        model = choose_default(scale).name
     key = (str(model).lower(), scale, str(device))
     if key not in _CACHE:  # pretrained weights are loaded (and checked) once per process
         _CACHE[key] = load_runner(str(model), scale, device=device)
     return _CACHE[key]
 
 
-def upscale(image, scale: int = 4, model: ModelArg = "asid", *, device: Union[str, torch.device] = "auto",
+def upscale(image, scale: int = 4, model: ModelArg = None, *, device: Union[str, torch.device] = "auto",
             tile: Union[str, int, None] = "auto", tile_overlap: int = DEFAULT_OVERLAP,
             blend: str = DEFAULT_BLEND, self_ensemble: bool = False):
     """Upscale ``image`` x``scale`` and return the same kind of object.
@@ -40,8 +43,9 @@ def upscale(image, scale: int = 4, model: ModelArg = "asid", *, device: Union[st
         or float in [0, 1] (float results are clipped to [0, 1]),
       * a torch tensor C x H x W or N x C x H x W, float in [0, 1] or uint8, returned on its
         device with its dtype.
-    ``model``: a pretrained name (``distillsr models``), a checkpoint file, or a network
-    (any ``SRNet``, e.g. from ``distillsr.load_model``). ``tile``: ``"auto"`` (whole image
+    ``model``: None (the best weights present for the scale, as ``distillsr upscale`` chooses
+    them), a pretrained or release name (``distillsr models``; a release is pulled on first
+    use), a checkpoint file, or a network (any ``SRNet``, e.g. from ``distillsr.load_model``). ``tile``: ``"auto"`` (whole image
     when it fits in memory), an int (LR pixels) or 0 (always whole). Alpha is upscaled
     bicubically and re-attached; greyscale is run as RGB and averaged back.
     """

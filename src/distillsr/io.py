@@ -30,9 +30,10 @@ import struct
 import tempfile
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -404,6 +405,29 @@ def atomic_write(path: PathLike, write_fn) -> Path:
             pass
         raise
     return path
+
+
+@contextmanager
+def file_lock(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock between processes on ``path`` for the block: a folder, or a
+    lock file (created if missing, and left in place: removing it would race)."""
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock on this platform
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def write_image(path: PathLike, image: np.ndarray, *, bit_depth: Optional[int] = None,

@@ -10,30 +10,39 @@ card ``<name>_x<scale>.json``::
      "psnr_protocol": "...", "notes": "..."}
 
 So adding weights needs no code change: drop both files there (:func:`save_pretrained`
-writes them). The folder searched is the package's ``weights`` folder, or the folders in
-the environment variable ``DISTILLSR_WEIGHTS_DIR`` (``os.pathsep``-separated, searched
-first), or the ``weights_dir`` argument of the functions below.
+writes them). The folders searched are those in the environment variable
+``DISTILLSR_WEIGHTS_DIR`` (``os.pathsep``-separated, searched first), the package's
+``weights`` folder and the cache's ``weights`` folder (where ``distillsr weights pull``
+puts the authors' releases, :mod:`distillsr.releases`); or only the ``weights_dir``
+argument of the functions below.
+
+For a name of the release table (``asid-release``, ``fdiwn-release``, ...) the scores come
+from that table (measured here where possible, else published), and :func:`load_pretrained`
+pulls the file on first use. With no name, :func:`choose_default` picks the best weights
+present on this machine for the scale, by the Set5 PSNR on their card; it never uses the
+network.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from .checkpoint import CheckpointError, load_model, save_model
+from .io import atomic_write
 
 __all__ = ["PretrainedEntry", "PretrainedError", "list_pretrained", "get_pretrained",
-           "load_pretrained", "save_pretrained", "weights_dirs", "sha256_file",
-           "DEFAULT_MODEL", "PACKAGE_WEIGHTS_DIR"]
+           "load_pretrained", "save_pretrained", "choose_default", "weights_dirs", "sha256_file",
+           "PACKAGE_WEIGHTS_DIR"]
 
 PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ENV_VAR = "DISTILLSR_WEIGHTS_DIR"
-DEFAULT_MODEL = "asid"  # the weights `distillsr upscale` and `distillsr.upscale` use by default
+RELEASE_TABLE = "releases.json"  # the release table lives beside the cards; it is not a card
 _CARD_KEYS = ("name", "scale", "arch", "file", "sha256")
 
 PathLike = Union[str, os.PathLike]
@@ -59,10 +68,25 @@ class PretrainedEntry:
     psnr_protocol: str = ""
     notes: str = ""
     card: Optional[Path] = None
+    published: Dict[str, float] = field(default_factory=dict)  # PSNR the authors printed
+    source: Dict[str, object] = field(default_factory=dict)    # where a release's file came from
 
     @property
     def installed(self) -> bool:
         return self.file.is_file()
+
+    @property
+    def bundled(self) -> bool:
+        return self.file.parent == PACKAGE_WEIGHTS_DIR
+
+    @property
+    def set5(self) -> Optional[float]:
+        """The Set5 PSNR that ranks these weights: measured here where possible, else published."""
+        return self.psnr.get("Set5", self.published.get("Set5"))
+
+    @property
+    def set5_source(self) -> str:
+        return "measured" if "Set5" in self.psnr else "published" if "Set5" in self.published else "unknown"
 
 
 def weights_dirs(weights_dir: DirsArg = None) -> List[Path]:
@@ -70,9 +94,10 @@ def weights_dirs(weights_dir: DirsArg = None) -> List[Path]:
     if weights_dir is not None:
         items = [weights_dir] if isinstance(weights_dir, (str, os.PathLike)) else list(weights_dir)
         return [Path(d) for d in items]
+    from .releases import cache_weights_dir
     env = os.environ.get(ENV_VAR, "")
     dirs = [Path(d) for d in env.split(os.pathsep) if d]
-    return dirs + [PACKAGE_WEIGHTS_DIR]
+    return dirs + [PACKAGE_WEIGHTS_DIR, cache_weights_dir()]
 
 
 def _read_card(path: Path) -> PretrainedEntry:
@@ -83,13 +108,20 @@ def _read_card(path: Path) -> PretrainedEntry:
     missing = [k for k in _CARD_KEYS if k not in card]
     if missing:
         raise PretrainedError(f"{path}: model card lacks {', '.join(missing)}")
-    return PretrainedEntry(
+    entry = PretrainedEntry(
         name=str(card["name"]).lower(), scale=int(card["scale"]), arch=str(card["arch"]),
         file=path.parent / card["file"], sha256=str(card["sha256"]).lower(),
         params=card.get("params"), training_data=str(card.get("training_data", "")),
         psnr={str(k): float(v) for k, v in (card.get("psnr") or {}).items()},
         psnr_protocol=str(card.get("psnr_protocol", "")), notes=str(card.get("notes", "")),
-        card=path)
+        card=path, source=dict(card.get("source") or {}))
+    from .releases import find_release
+    release = find_release(entry.name, entry.scale)
+    if release is None:
+        return entry
+    # a release's scores are kept once, in the release table
+    return replace(entry, psnr=release.measured_psnr, published=release.published_psnr,
+                   psnr_protocol=release.protocol_text)
 
 
 def list_pretrained(weights_dir: DirsArg = None) -> List[PretrainedEntry]:
@@ -99,6 +131,8 @@ def list_pretrained(weights_dir: DirsArg = None) -> List[PretrainedEntry]:
         if not d.is_dir():
             continue
         for card in sorted(d.glob("*.json")):
+            if card.name == RELEASE_TABLE:
+                continue
             entry = _read_card(card)
             found.setdefault((entry.name, entry.scale), entry)
     return sorted(found.values(), key=lambda e: (e.name, e.scale))
@@ -113,7 +147,8 @@ def get_pretrained(name: str, scale: int, weights_dir: DirsArg = None) -> Pretra
     have = ", ".join(f"{e.name} x{e.scale}" for e in entries) or "none"
     where = ", ".join(str(d) for d in weights_dirs(weights_dir))
     raise PretrainedError(f"no pretrained weights {name!r} x{scale} are installed (looked in {where}; "
-                          f"available: {have}); pass a checkpoint file instead (--weights PATH)")
+                          f"available: {have}); `distillsr weights list` names the releases that can be "
+                          f"pulled, or pass a checkpoint file instead (--weights PATH)")
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -124,10 +159,38 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_pretrained(name: str = DEFAULT_MODEL, scale: int = 4, device: Union[str, torch.device] = "cpu",
-                    weights_dir: DirsArg = None) -> torch.nn.Module:
-    """Load shipped weights by name and scale, after checking the file's sha256."""
-    entry = get_pretrained(name, scale, weights_dir)
+def choose_default(scale: int, weights_dir: DirsArg = None) -> PretrainedEntry:
+    """The best weights present on this machine for x``scale``: the highest Set5 PSNR on the
+    cards (measured where possible, else published); ties go to the first name. Offline."""
+    found = [e for e in list_pretrained(weights_dir) if e.scale == scale and e.installed]
+    if not found:
+        raise PretrainedError(f"no pretrained weights for x{scale} are installed; `distillsr weights pull "
+                              f"NAME --scale {scale}` fetches a release, or pass --weights PATH")
+    best = found[0]
+    for e in found[1:]:  # sorted by name, so a tie keeps the first
+        if (e.set5 or float("-inf")) > (best.set5 or float("-inf")):
+            best = e
+    return best
+
+
+def load_pretrained(name: Optional[str] = None, scale: int = 4, device: Union[str, torch.device] = "cpu",
+                    weights_dir: DirsArg = None, pull: bool = True) -> torch.nn.Module:
+    """Load weights by name and scale, after checking the file's sha256.
+
+    ``name=None``: :func:`choose_default` (the best present, never the network). A name of the
+    release table that is not in the cache yet is pulled first (``pull=False`` refuses).
+    """
+    if name is None:
+        entry = choose_default(scale, weights_dir)
+    else:
+        try:
+            entry = get_pretrained(name, scale, weights_dir)
+        except PretrainedError:
+            entry = None
+        if entry is None or not entry.installed:
+            entry = _pull_release(name, scale, weights_dir, pull) or entry
+        if entry is None:
+            get_pretrained(name, scale, weights_dir)  # raises the message naming what is there
     if not entry.installed:
         raise PretrainedError(f"{entry.card}: names weight file {entry.file.name}, which is missing "
                               f"from {entry.file.parent}")
@@ -135,6 +198,8 @@ def load_pretrained(name: str = DEFAULT_MODEL, scale: int = 4, device: Union[str
     if digest != entry.sha256:
         raise PretrainedError(f"{entry.file}: sha256 {digest} does not match the model card's "
                               f"{entry.sha256} (corrupt or replaced file)")
+    from .releases import check_source
+    check_source(entry)
     try:
         model = load_model(entry.file, device)
     except CheckpointError as e:
@@ -144,13 +209,28 @@ def load_pretrained(name: str = DEFAULT_MODEL, scale: int = 4, device: Union[str
         raise PretrainedError(f"{entry.file}: holds {got[0]} x{got[1]}, but its card says "
                               f"{entry.arch} x{entry.scale}")
     model.pretrained_name = entry.name
+    model.pretrained_file = str(entry.file)
     return model
+
+
+def _pull_release(name: str, scale: int, weights_dir: DirsArg, pull: bool) -> Optional[PretrainedEntry]:
+    """Pull a release that is not in the cache yet; None when ``name`` is no release name."""
+    from .releases import find_release, get_release, pull as pull_release
+    if weights_dir is not None or find_release(name) is None:
+        return None
+    get_release(name, scale)  # a scale the release lacks: the error names those it has
+    if not pull:
+        raise PretrainedError(f"{name} x{scale} is not in the cache; `distillsr weights pull {name} "
+                              f"--scale {scale}` fetches it")
+    return pull_release(name, scale)
 
 
 def save_pretrained(model: torch.nn.Module, name: str, weights_dir: PathLike = PACKAGE_WEIGHTS_DIR, *,
                     training_data: str = "", psnr: Optional[Dict[str, float]] = None,
-                    psnr_protocol: str = "", notes: str = "") -> PretrainedEntry:
-    """Write ``<name>_x<scale>.safetensors`` and its model card into ``weights_dir``."""
+                    psnr_protocol: str = "", notes: str = "",
+                    source: Optional[Dict[str, object]] = None) -> PretrainedEntry:
+    """Write ``<name>_x<scale>.safetensors`` and its model card into ``weights_dir``
+    (``source``: where a release's file came from, kept in the card)."""
     weights_dir = Path(weights_dir)
     stem = f"{name.lower()}_x{model.scale}"
     path = save_model(model, weights_dir / f"{stem}.safetensors", {"distillsr.pretrained": name.lower()})
@@ -159,19 +239,45 @@ def save_pretrained(model: torch.nn.Module, name: str, weights_dir: PathLike = P
             "params": sum(p.numel() for p in model.parameters()),
             "training_data": training_data, "psnr": dict(psnr or {}),
             "psnr_protocol": psnr_protocol, "notes": notes}
+    if source:
+        card["source"] = dict(source)
     card_path = weights_dir / f"{stem}.json"
-    tmp = card_path.with_name(f".{card_path.name}.part")
-    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, card_path)
+    text = json.dumps(card, indent=2) + "\n"
+    atomic_write(card_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return _read_card(card_path)
 
 
+def _scores(measured: Dict[str, float], published: Dict[str, float]) -> List[str]:
+    """'measured / published' PSNR cells for Set5, Set14, B100."""
+    def num(v):
+        return f"{v:.2f}" if v is not None else "-"
+    return [f"{num(measured.get(k))} / {num(published.get(k))}" for k in ("Set5", "Set14", "B100")]
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> List[str]:
+    """Left-aligned text columns."""
+    rows = [tuple(header)] + [tuple(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def describe(entries: Iterable[PretrainedEntry]) -> List[str]:
-    """Text lines of the table, as `distillsr models` prints it."""
-    rows = [("name", "scale", "arch", "params", "Set5", "Set14", "B100", "training data", "file")]
+    """Text lines of the weights on this machine, as `distillsr models` prints them; ``*`` marks
+    the default of each scale (:func:`choose_default`)."""
+    entries = list(entries)
+    defaults = set()
+    for s in sorted({e.scale for e in entries if e.installed}):
+        try:
+            d = choose_default(s)
+        except PretrainedError:
+            continue
+        defaults.add((d.name, d.scale, d.file))
+    rows = []
     for e in entries:
-        ps = [f"{e.psnr[k]:.2f}" if k in e.psnr else "-" for k in ("Set5", "Set14", "B100")]
-        rows.append((e.name, f"x{e.scale}", e.arch, f"{e.params:,}" if e.params else "-", *ps,
-                     e.training_data or "-", e.file.name + ("" if e.installed else " (missing)")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        mark = "*" if (e.name, e.scale, e.file) in defaults else ""
+        where = "bundled" if e.bundled else str(e.file.parent)
+        rows.append((e.name + mark, f"x{e.scale}", e.arch, f"{e.params:,}" if e.params else "-",
+                     *_scores(e.psnr, e.published), e.training_data or "-",
+                     where + ("" if e.installed else f" ({e.file.name} missing)")))
+    return format_table(("name", "scale", "arch", "params", "Set5 meas / pub", "Set14 meas / pub",
+                         "B100 meas / pub", "training data", "where"), rows)

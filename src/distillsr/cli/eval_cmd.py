@@ -1,6 +1,7 @@
 """``distillsr eval``: PSNR / SSIM on benchmark sets with the papers' protocol."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -13,23 +14,29 @@ def register(subparsers) -> None:
                     "Scores: Y channel, border = scale, PSNR and SSIM per image, mean per set.")
     what = p.add_argument_group("what to evaluate")
     what.add_argument("--model", metavar="NAME",
-                      help="'bicubic' (the classic baseline) or a registered model with shipped weights")
+                      help="'bicubic' (the classic baseline) or weights by name (`distillsr models`; a "
+                           "release such as fdiwn-release is pulled on first use)")
     what.add_argument("--weights", metavar="PATH", help="a checkpoint (any format distillsr.load_model reads)")
     p.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 3, 4, ...)")
-    p.add_argument("--data", metavar="ROOT", required=True, help="folder holding the sets")
+    p.add_argument("--data", metavar="ROOT", default=os.environ.get("DISTILLSR_DATA"),
+                   help="folder holding the sets (default: $DISTILLSR_DATA)")
     p.add_argument("--datasets", nargs="+", metavar="SET",
                    help="set folders under ROOT (default: all there, Set5 Set14 B100 Urban100 Manga109 first)")
+    p.add_argument("--protocol", choices=["release"],
+                   help="'release': the model's own release test path (ASID: tiles 64, overlap 24, "
+                        "--ssim matlab; FDIWN: chop; RFDN/E-RFDN: whole image); sets the inference and "
+                        "SSIM options below itself")
     inf = p.add_argument_group("inference")
     inf.add_argument("--tile", type=int, metavar="N",
                      help="tiled inference over the LR with N x N tiles (ASID release: --tile 64 "
                           "--tile-overlap 24); default: whole image")
-    inf.add_argument("--tile-overlap", type=int, default=24, metavar="N", help="tile overlap in LR pixels (24)")
+    inf.add_argument("--tile-overlap", type=int, metavar="N", help="tile overlap in LR pixels (24)")
     inf.add_argument("--chop", action="store_true",
                      help="EDSR-style chop: 4 overlapping quadrants, recursive (FDIWN's test)")
     inf.add_argument("--self-ensemble", action="store_true", help="x8 flips/transpositions, averaged")
     inf.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     met = p.add_argument_group("metrics")
-    met.add_argument("--ssim", choices=["wang", "matlab"], default="wang",
+    met.add_argument("--ssim", choices=["wang", "matlab"],
                      help="SSIM variant: 'wang' (ssim_index, RFDN/FDIWN scripts; default) or "
                           "'matlab' (MATLAB ssim, ASID release)")
     met.add_argument("--grey", choices=["replicate", "raw"], default="replicate",
@@ -46,7 +53,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..engine.evaluate import (EvalError, default_device, evaluate, format_table, load_eval_model,
-                                   write_json)
+                                   release_protocol_for, write_json)
 
     def err(msg: str) -> None:
         print(f"distillsr eval: error: {msg}", file=sys.stderr)
@@ -54,6 +61,17 @@ def run(args) -> int:
     if args.model is None and args.weights is None:
         err("give --model NAME (or 'bicubic') or --weights PATH")
         return 2
+    if args.data is None:
+        err("give --data ROOT (the folder holding Set5, Set14, ...) or set DISTILLSR_DATA")
+        return 2
+    if args.protocol is not None:
+        given = [f for f, v in (("--tile", args.tile), ("--tile-overlap", args.tile_overlap),
+                                ("--chop", args.chop or None), ("--ssim", args.ssim)) if v is not None]
+        if given:
+            err(f"--protocol {args.protocol} sets {', '.join(given)} itself; leave them out")
+            return 2
+    args.tile_overlap = 24 if args.tile_overlap is None else args.tile_overlap
+    args.ssim = args.ssim or "wang"
     if args.scale < 1:
         err(f"--scale must be a positive integer, got {args.scale}")
         return 2
@@ -67,11 +85,17 @@ def run(args) -> int:
     skipped = []
     try:
         model = load_eval_model(args.model, args.weights, scale=args.scale, device=device)
+        if args.protocol == "release":
+            proto = release_protocol_for(model)
+            args.tile, args.tile_overlap, args.chop, args.ssim = (proto["tile"], proto["tile_overlap"],
+                                                                  proto["chop"], proto["ssim"])
+            print(f"protocol release: {proto['about']}")
         result = evaluate(model, args.scale, args.data, args.datasets, tile=args.tile,
                           tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble,
                           chop=args.chop, ssim_variant=args.ssim, grey=args.grey,
                           save_images=args.save_images, device=device, skip_bad=args.skip_bad,
                           progress=not args.no_progress, skipped=skipped)
+        result["protocol"] = args.protocol
     except (EvalError, OSError) as e:  # OSError: --save-images could not write
         err(str(e))
         return 1

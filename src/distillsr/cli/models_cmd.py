@@ -31,21 +31,23 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({
             "pretrained": [{"name": e.name, "scale": e.scale, "arch": e.arch, "params": e.params,
-                            "psnr": e.psnr, "psnr_protocol": e.psnr_protocol,
+                            "psnr": e.psnr, "published": e.published, "psnr_protocol": e.psnr_protocol,
                             "training_data": e.training_data, "file": str(e.file),
                             "installed": e.installed, "sha256": e.sha256} for e in entries],
             "architectures": [{"name": n, "params": {str(s): p for s, p in ps.items()}, "paper": paper,
                                "description": d} for n, ps, paper, d in archs]}, indent=2))
         return 0
-    print("Pretrained weights (distillsr upscale --model NAME --scale S):")
+    from .weights_cmd import release_lines, release_rows
+    print("Weights on this machine (distillsr upscale --model NAME --scale S; * = the default for the "
+          "scale, by Set5 PSNR); PSNR on Y, measured here / published:")
     if entries:
         for line in describe(entries):
             print("  " + line)
-        protocols = sorted({e.psnr_protocol for e in entries if e.psnr_protocol})
-        for p in protocols:
-            print(f"  PSNR: {p}")
     else:
         print("  none installed")
+    print("\nReleased weights (distillsr weights pull NAME --scale S, or --model NAME pulls on first use):")
+    for line in release_lines(release_rows()):
+        print("  " + line)
     print("\nArchitectures (checkpoints of these load with --weights PATH):")
     if not archs:
         print("  none registered")

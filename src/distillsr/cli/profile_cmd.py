@@ -17,7 +17,8 @@ def register(sub) -> None:
                     "max_memory_allocated on CUDA). MAC conventions: 'conv+linear' is the usual SR "
                     "papers' count; 'paper' adds bias additions and 2 per LayerNorm element (what the "
                     "ASID paper's tables count); 'with attention' adds the attention matmuls.")
-    p.add_argument("--model", required=True, help="registered name (see `distillsr models`)")
+    p.add_argument("--model", required=True,
+                   help="an architecture (random init) or weights by name (see `distillsr models`)")
     p.add_argument("--scale", type=int, required=True, help="upscaling factor")
     p.add_argument("--weights", help="a checkpoint that load_model accepts (default: random init)")
     p.add_argument("--size", default="1280x720", help="output size WIDTHxHEIGHT (default 1280x720)")
@@ -37,11 +38,20 @@ def _g(n: float) -> str:
     return f"{n / 1e9:.2f} G"
 
 
+def _named_model(name: str, scale: int):
+    """Weights by name (a release is pulled on first use), else the architecture at random init."""
+    from ..pretrained import list_pretrained, load_pretrained
+    from ..registry import create_model
+    from ..releases import find_release
+    if find_release(name) is not None or any(e.name == name.lower() for e in list_pretrained()):
+        return load_pretrained(name, scale)
+    return create_model(name, scale)
+
+
 def run(args) -> int:
     import torch
     from ..checkpoint import CheckpointError, load_model
     from ..engine.profile import parse_size, profile_model
-    from ..registry import create_model
 
     try:
         size = parse_size(args.size)
@@ -62,7 +72,7 @@ def run(args) -> int:
                 raise ValueError(f"{args.weights}: holds {model.arch_name} x{model.scale}, "
                                  f"not {args.model} x{args.scale}")
         else:
-            model = create_model(args.model, args.scale)
+            model = _named_model(args.model, args.scale)
         result = profile_model(model, size, device=device, dtype=args.dtype, repeats=args.repeats,
                                warmup=args.warmup, name=args.model.lower(), time_it=not args.count_only,
                                compile=args.compile)

@@ -20,7 +20,6 @@ def _tile(value: str):
 def register(sub) -> None:
     from ..engine.upscale import BACKENDS, DEFAULT_BLEND, DEFAULT_OVERLAP
     from ..io import DEFAULT_MAX_PIXELS
-    from ..pretrained import DEFAULT_MODEL
     p = sub.add_parser("upscale", help="upscale images (files, folders, globs)",
                        description="Upscale images with a pretrained model or a checkpoint. Outputs keep "
                        "the input's relative path, bit depth, alpha and ICC profile; each is written "
@@ -31,7 +30,8 @@ def register(sub) -> None:
                    help="upscaling factor (default 4; with --weights, the checkpoint's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"pretrained weights by name (default {DEFAULT_MODEL}; see `distillsr models`)")
+                   help="weights by name (`distillsr models`; a release is pulled on first use); "
+                   "default: the best weights on this machine for the scale, by their Set5 PSNR")
     g.add_argument("--weights", default=None, metavar="PATH", help="a checkpoint file instead")
     p.add_argument("--backend", default="torch", choices=sorted(BACKENDS), help="inference backend")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
@@ -56,6 +56,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _default_weights(scale: int) -> str:
+    """The best weights present for x``scale`` (never the network), said on stdout; on a
+    terminal, one hint line when a release that is not here would do better."""
+    from ..pretrained import choose_default
+    from ..releases import better_release
+    entry = choose_default(scale)
+    where = "bundled" if entry.bundled else f"from {entry.file.parent}"
+    score = f"Set5 {entry.set5:.2f} dB {entry.set5_source}" if entry.set5 is not None else "no Set5 score"
+    print(f"x{scale}: using {entry.name} ({where}; {score}), the best weights on this machine "
+          f"(--model NAME chooses others)")
+    if sys.stderr.isatty():
+        better = better_release(entry)
+        if better is not None:
+            print(f"hint: better x{scale} weights can be pulled: distillsr weights pull {better.name} --scale "
+                  f"{scale} (Set5 {better.set5:.2f} dB)", file=sys.stderr)
+    return entry.name
+
+
 def run(args) -> int:
     from ..checkpoint import CheckpointError
     from ..engine.upscale import Upscaler, load_runner, select_device, upscale_files
@@ -69,7 +87,10 @@ def run(args) -> int:
             from ..engine.profile import tune_cpu_allocator
             tune_cpu_allocator()
         scale = args.scale if args.scale is not None or args.weights else 4
-        runner = load_runner(args.model, scale, weights=args.weights, device=device, backend=args.backend)
+        model = args.model
+        if model is None and args.weights is None:
+            model = _default_weights(scale)
+        runner = load_runner(model, scale, weights=args.weights, device=device, backend=args.backend)
         upscaler = Upscaler(runner, device, tile=args.tile, tile_overlap=args.tile_overlap,
                             blend=args.blend, self_ensemble=args.self_ensemble)
     except (CheckpointError, PretrainedError, ValueError, RuntimeError) as e:

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tarfile
 import time
 import urllib.error
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+from ..io import file_lock
 
 __all__ = ["Remote", "DatasetSpec", "DATASETS", "DownloadError", "download_file", "verify_file",
            "extract_archive", "make_benchmark_lr", "download_dataset", "MIRROR_ENV"]
@@ -173,6 +176,13 @@ def download_file(url: str, dest, size: Optional[int] = None, sha256: Optional[s
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.parent):  # one writer of dest.part at a time (a lock on the folder)
+        return _download_locked(url, dest, size, sha256, md5, retries, timeout, progress, log)
+
+
+def _download_locked(url: str, dest: Path, size, sha256, md5, retries: int, timeout: float, progress: bool,
+                     log: Callable[[str], None]) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         verify_file(dest, size, sha256, md5)
         log(f"{dest.name}: already there and checked")
@@ -191,6 +201,9 @@ def download_file(url: str, dest, size: Optional[int] = None, sha256: Optional[s
         except (urllib.error.URLError, HTTPException, OSError, DownloadError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code not in (408, 429, 500, 502, 503, 504):
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            if isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.gaierror):
+                raise DownloadError(f"{url}: the host name does not resolve, is this machine offline? "
+                                    f"({e.reason})") from e
             got = part.stat().st_size if part.exists() else 0
             if attempt >= retries:
                 raise DownloadError(f"{url}: transfer failed after {attempt + 1} attempt(s) with {got} bytes "

@@ -5,7 +5,8 @@ set, quantises the output to uint8, and scores it against the HR on Y with
 PSNR / SSIM (``distillsr.metrics``). It returns the dict that ``--json`` writes::
 
     {"model": str, "weights": str|None, "scale": int, "ssim_variant": str,
-     "grey": str, "tile": int|None, "self_ensemble": bool,
+     "grey": str, "tile": int|None, "tile_overlap": int, "chop": bool,
+     "self_ensemble": bool, "device": str,
      "results": [{"dataset": str, "psnr": float, "ssim": float, "num_images": int,
                   "seconds": float, "images": [{"name": str, "psnr": float,
                                                 "ssim": float}]}]}
@@ -29,7 +30,7 @@ from ..data.imresize import imresize
 from ..metrics import GREY_CONVENTIONS, SSIM_VARIANTS, mean_scores, psnr_ssim
 from .infer import make_forward
 
-__all__ = ["EvalError", "EvalModel", "BICUBIC", "load_eval_model", "make_upscaler", "evaluate",
+__all__ = ["EvalError", "EvalModel", "BICUBIC", "load_eval_model", "release_protocol_for", "make_upscaler", "evaluate",
            "format_table", "write_json"]
 
 BICUBIC = "bicubic"
@@ -52,17 +53,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _pretrained_module():
-    """``distillsr.pretrained`` (the table of shipped weights), or None in a build without it."""
-    try:
-        from .. import pretrained
-    except ModuleNotFoundError as e:
-        if e.name != "distillsr.pretrained":
-            raise
-        return None
-    return pretrained
-
-
 def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = None, *,
                     scale: int, device: str = "cpu") -> EvalModel:
     """Resolve ``--model`` / ``--weights`` into what :func:`evaluate` runs.
@@ -70,8 +60,8 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
     * ``weights``: any checkpoint ``distillsr.load_model`` reads (``name``, if
       given, must match its architecture);
     * ``name="bicubic"``: the classic bicubic baseline (MATLAB imresize of the LR);
-    * another name: shipped weights of that name and scale (``distillsr.pretrained``);
-      a registered architecture without shipped weights is an error.
+    * another name: weights of that name and scale (``distillsr.pretrained``; a release
+      is pulled on first use); a registered architecture without weights is an error.
     """
     if weights is not None:
         if name is not None and name.lower() == BICUBIC:
@@ -92,18 +82,14 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
     key = name.lower()
     if key == BICUBIC:
         return EvalModel(BICUBIC, None, None)
-    pretrained = _pretrained_module()
-    if pretrained is not None:
+    from ..pretrained import PretrainedError, list_pretrained, load_pretrained
+    from ..releases import find_release
+    if find_release(key) is not None or any(e.name == key for e in list_pretrained()):
         try:
-            entry = pretrained.get_pretrained(key, scale)
-        except LookupError:
-            entry = None
-        if entry is not None:
-            try:
-                module = pretrained.load_pretrained(key, scale, device=device)
-            except (LookupError, ValueError, OSError) as e:
-                raise EvalError(str(e)) from e
-            return EvalModel(key, str(entry.file), module)
+            module = load_pretrained(key, scale, device=device)
+        except (PretrainedError, ValueError, OSError) as e:
+            raise EvalError(str(e)) from None
+        return EvalModel(key, module.pretrained_file, module)
     from ..registry import model_info
     try:
         info = model_info(key)
@@ -113,6 +99,17 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
         raise EvalError(f"model {info.name!r} supports scales {list(info.scales)}, not x{scale}")
     raise EvalError(f"no weights ship for model {info.name!r} x{scale}; evaluate a checkpoint "
                     f"with --weights PATH")
+
+
+def release_protocol_for(model: EvalModel) -> dict:
+    """The release test path of the evaluated network (``eval --protocol release``)."""
+    from ..releases import ReleaseError, release_protocol
+    if model.module is None:
+        raise EvalError("the bicubic baseline has no release test protocol")
+    try:
+        return release_protocol(getattr(model.module, "arch_name", type(model.module).__name__))
+    except ReleaseError as e:
+        raise EvalError(str(e)) from None
 
 
 def _quantise(y: torch.Tensor) -> np.ndarray:
@@ -232,14 +229,16 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
         results.append({"dataset": ds.name, "psnr": mean["psnr"], "ssim": mean["ssim"],
                         "num_images": len(images), "seconds": seconds, "images": images})
     return {"model": model.name, "weights": model.weights, "scale": scale,
-            "ssim_variant": ssim_variant, "grey": grey, "tile": tile,
-            "self_ensemble": bool(self_ensemble), "results": results}
+            "ssim_variant": ssim_variant, "grey": grey, "tile": tile, "tile_overlap": tile_overlap,
+            "chop": bool(chop), "self_ensemble": bool(self_ensemble), "device": str(device),
+            "results": results}
 
 
 def format_table(result: dict, chop: bool = False) -> str:
-    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers). ``chop``:
-    say that chop inference was used (the JSON-shaped result does not record it)."""
-    how = f"tiles {result['tile']}" if result["tile"] else ("chop" if chop else "whole image")
+    """The results as a text table (PSNR 2 decimals, SSIM 4, as the papers)."""
+    chop = chop or result.get("chop", False)
+    how = (f"tiles {result['tile']} overlap {result.get('tile_overlap', 24)}" if result["tile"]
+           else ("chop" if chop else "whole image"))
     if result["self_ensemble"]:
         how += " + x8 self-ensemble"
     lines = [f"model {result['model']}" + (f" ({result['weights']})" if result["weights"] else "")

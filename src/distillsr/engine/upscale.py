@@ -70,13 +70,13 @@ def _torch_backend(model: Union[str, torch.nn.Module, None] = None, scale: Optio
                    weights: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
                    weights_dir=None) -> torch.nn.Module:
     from ..checkpoint import load_model
-    from ..pretrained import DEFAULT_MODEL, load_pretrained
+    from ..pretrained import load_pretrained
     if isinstance(model, torch.nn.Module):
         net = model
     elif weights is not None:
         net = load_model(weights, device)
     else:
-        net = load_pretrained(model or DEFAULT_MODEL, 4 if scale is None else scale, device, weights_dir)
+        net = load_pretrained(model, 4 if scale is None else scale, device, weights_dir)
     if scale is not None and getattr(net, "scale", None) != scale:
         src = weights or getattr(net, "arch_name", type(net).__name__)
         raise ValueError(f"{src}: the model upscales x{getattr(net, 'scale', '?')}, not x{scale}")
