@@ -231,7 +231,9 @@ def test_eval_skip_bad_scores_grey_and_generates_missing_lr(tiny_root, tmp_path,
     assert "Tiny" in cap.out and "PSNR" in cap.out       # the table
 
     res = json.loads(out_json.read_text())
-    assert list(res) == ["model", "weights", "scale", "ssim_variant", "grey", "tile", "self_ensemble", "results"]
+    assert list(res) == ["model", "weights", "scale", "ssim_variant", "grey", "tile", "tile_overlap", "chop",
+                         "self_ensemble", "device", "results", "protocol"]
+    assert (res["tile_overlap"], res["chop"], res["device"], res["protocol"]) == (24, False, "cpu", None)
     assert res["model"] == "bicubic" and res["weights"] is None and res["scale"] == 2
     assert (res["ssim_variant"], res["grey"], res["tile"], res["self_ensemble"]) == ("wang", "replicate", None, False)
     (r,) = res["results"]

@@ -85,10 +85,11 @@ def test_weights_dir_argument_wins_over_env(table, tmp_path_factory):
 
 
 def test_models_command_lists_table_and_architectures(table, capsys):
+    folder = table[0]
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.strip().startswith("asid ") and "x2" in l and "safetensors" in l)
-    assert "30.50" in line and "28.25" in line and "27.00" in line and "test data" in line
+    line = next(l for l in out.splitlines() if l.strip().startswith("asid") and " x2 " in l and str(folder) in l)
+    assert "30.50 / -" in line and "28.25 / -" in line and "27.00 / -" in line and "test data" in line
     arch = next(l for l in out.splitlines() if l.strip().startswith("asid ") and "params" in l)
     assert "x2 297,516" in arch and "x3 304,011" in arch and "x4 313,104" in arch
     assert main(["models", "--json"]) == 0

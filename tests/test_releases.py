@@ -281,3 +281,24 @@ def test_eval_protocol_release_refuses_conflicting_options(capsys):
     assert main(["eval", "--model", "asid", "--scale", "2", "--protocol", "release", "--tile", "32",
                  "--data", "."]) == 2
     assert "--protocol release sets --tile itself" in capsys.readouterr().err
+
+
+def test_upscale_hints_at_better_weights_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.png")
+    args = [str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--no-progress", "--overwrite"]
+    assert main(["upscale", *args]) == 0
+    assert "hint" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["upscale", *args]) == 0
+    hints = [l for l in capsys.readouterr().err.splitlines() if l.startswith("hint:")]
+    assert hints == ["hint: better x2 weights can be pulled: distillsr weights pull asid-d8-release --scale 2 "
+                     "(Set5 38.32 dB)"]
+
+
+def test_readme_opens_with_the_weights_table_of_the_release_table(capsys):
+    readme = (REPO / "README.md").read_text()
+    assert main(["weights", "list", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table in readme
+    first_section = readme.split("\n## ")[1]
+    assert first_section.startswith("The best weights for each scale") and table in first_section

@@ -14,6 +14,8 @@ def register(sub) -> None:
     ws = p.add_subparsers(dest="weights_command", metavar="ACTION")
     ls = ws.add_parser("list", help="the release table and what is on this machine")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--markdown", action="store_true",
+                    help="a Markdown table of every name by scale, best Set5 first (as in the README)")
     ls.set_defaults(action=run_list)
     pl = ws.add_parser("pull", help="download, check and convert a release")
     pl.add_argument("name", help="release name (see `distillsr weights list`)")
@@ -44,6 +46,9 @@ def run_list(args) -> int:
                            "size": r.size, "licence": r.licence, "published": r.published,
                            "measured": r.measured, "status": status} for r, status in rows], indent=1))
         return 0
+    if args.markdown:
+        print("\n".join(markdown_table()))
+        return 0
     print(f"Released weights (cache: {cache_dir()}); PSNR on Y, measured here / published:")
     for line in release_lines(rows):
         print("  " + line)
@@ -68,6 +73,21 @@ def release_rows():
     present = {(e.name, e.scale): e for e in list_pretrained() if e.installed}
     return [(r, "not pulled" if (r.name, r.scale) not in present else
              "bundled" if present[(r.name, r.scale)].bundled else "cached") for r in list_releases()]
+
+
+def markdown_table():
+    """Every release and every bundled name, by scale and best Set5 first, as Markdown lines."""
+    from ..pretrained import _scores, list_pretrained
+    from ..releases import find_release
+    rows = [(r.scale, r.set5, r.name, _scores(r.measured_psnr, r.published_psnr),
+             "bundled" if status == "bundled" else f"`distillsr weights pull {r.name} --scale {r.scale}`")
+            for r, status in release_rows()]
+    rows += [(e.scale, e.set5, e.name, _scores(e.psnr, e.published), "bundled")
+             for e in list_pretrained() if e.bundled and find_release(e.name) is None]
+    rows.sort(key=lambda r: (r[0], -(r[1] or 0.0), r[2]))
+    lines = ["| scale | name | Set5 | Set14 | B100 | get it |", "|---|---|---|---|---|---|"]
+    lines += [f"| x{s} | `{name}` | {' | '.join(cells)} | {how} |" for s, _, name, cells, how in rows]
+    return lines
 
 
 def run_pull(args) -> int:
