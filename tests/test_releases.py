@@ -302,3 +302,23 @@ def test_readme_opens_with_the_weights_table_of_the_release_table(capsys):
     assert table in readme
     first_section = readme.split("\n## ")[1]
     assert first_section.startswith("The best weights for each scale") and table in first_section
+
+
+def test_model_name_pulls_on_first_use_in_upscale_profile_and_export(mirror, tmp_path, capsys, monkeypatch):
+    Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(tmp_path / "x.png")
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--model", "fdiwn-release",
+                 "--scale", "4", "--no-progress"]) == 0
+    assert "fdiwn" in capsys.readouterr().out and len(mirror.requests) == 1
+    assert main(["profile", "--model", "fdiwn-release", "--scale", "4", "--count-only", "--size", "64x64"]) == 0
+    assert "MACs" in capsys.readouterr().out
+    (_cache() / "weights" / "fdiwn-release_x4.json").unlink()  # gone from the cache: export pulls again
+    seen = {}
+
+    def fake_export(model, path, opset=None):  # the export itself is tested in test_export.py
+        seen["model"] = model
+        Path(path).write_bytes(b"onnx")
+    monkeypatch.setattr("distillsr.engine.export.export_onnx", fake_export)
+    assert main(["export", "--model", "fdiwn-release", "--scale", "4", "-o", str(tmp_path / "f.onnx"),
+                 "--no-check"]) == 0
+    assert seen["model"].pretrained_name == "fdiwn-release" and (tmp_path / "f.onnx").exists()
+    assert len(mirror.requests) == 1  # the downloaded file was still there and checked, not fetched again
