@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -183,6 +185,7 @@ def test_chop_flag_uses_engine_chop():
            "self_ensemble": False, "results": [{"dataset": "Set5", "psnr": 30.0, "ssim": 0.9, "num_images": 5,
                                                  "seconds": 1.0, "images": []}]}
     assert "chop" in format_table(res, chop=True).splitlines()[0]
+    assert "chop" in format_table(dict(res, chop=True)).splitlines()[0]
     assert "whole image" in format_table(res).splitlines()[0]
 
 
@@ -231,7 +234,7 @@ def test_eval_skip_bad_scores_grey_and_generates_missing_lr(tiny_root, tmp_path,
     assert "Tiny" in cap.out and "PSNR" in cap.out       # the table
 
     res = json.loads(out_json.read_text())
-    assert list(res) == ["model", "weights", "scale", "ssim_variant", "grey", "tile", "tile_overlap", "chop",
+    assert list(res) == ["model", "weights", "scale", "ssim_variant", "grey", "tile", "tile_overlap", "blend", "chop",
                          "self_ensemble", "device", "results", "protocol"]
     assert (res["tile_overlap"], res["chop"], res["device"], res["protocol"]) == (24, False, "cpu", None)
     assert res["model"] == "bicubic" and res["weights"] is None and res["scale"] == 2
@@ -275,27 +278,98 @@ def toy_registered():
     registry._REGISTRY.pop(name, None)
 
 
-def test_eval_weights_and_tiles(toy_registered, tiny_root, tmp_path, capsys):
+class ShapeRecorder(Local3x3):
+    """Local3x3 (not flip-invariant) that records the shape of every input it sees."""
+    seen = []
+
+    def forward_native(self, x):
+        ShapeRecorder.seen.append(tuple(x.shape[-2:]))
+        return super().forward_native(x)
+
+
+@pytest.fixture
+def recorder_registered():
+    from distillsr import registry
+    name = "toy-recorder-evaltest"
+    registry.register_model(name, scales=(2, 3))(lambda scale: ShapeRecorder(scale))
+    ShapeRecorder.seen = []
+    yield name
+    registry._REGISTRY.pop(name, None)
+
+
+def test_eval_weights_tiles_chop_and_ensemble_reach_the_model(recorder_registered, tiny_root, tmp_path, capsys):
     from distillsr import create_model, save_model
-    root, _, _ = tiny_root
-    ckpt = save_model(create_model(toy_registered, 2), tmp_path / "toy.safetensors")
-    results = {}
-    for extra in ([], ["--tile", "12", "--tile-overlap", "4"], ["--self-ensemble"]):
+    root, _, _ = tiny_root  # Tiny: colour (LR 20x25) and grey (LR 18x23), x2
+    ckpt = save_model(create_model(recorder_registered, 2), tmp_path / "toy.safetensors")
+    results, shapes = {}, {}
+    for extra in ([], ["--tile", "12", "--tile-overlap", "4"], ["--self-ensemble"], ["--chop"]):
         out = tmp_path / "r.json"
-        rc = main(["eval", "--weights", str(ckpt), "--scale", "2", "--data", str(root), "--datasets", "Tiny",
-                   "--skip-bad", "--json", str(out), "--device", "cpu", "--no-progress", *extra])
+        ShapeRecorder.seen = []
+        rc = main(["eval", "--weights", str(ckpt), "--data", str(root), "--datasets", "Tiny",
+                   "--skip-bad", "--json", str(out), "--device", "cpu", *extra])
         assert rc == 0, capsys.readouterr().err
         res = json.loads(out.read_text())
-        assert res["model"] == toy_registered and res["weights"] == str(ckpt)
-        results[tuple(extra)] = res
-    whole = results[()]["results"][0]
+        assert res["model"] == recorder_registered and res["weights"] == str(ckpt) and res["scale"] == 2
+        results[tuple(extra)], shapes[tuple(extra)] = res, list(ShapeRecorder.seen)
+    assert shapes[()] == [(20, 25), (18, 23)]  # whole images (the scale came from the checkpoint)
+    assert set(shapes[("--tile", "12", "--tile-overlap", "4")]) == {(12, 12)}
     assert results[("--tile", "12", "--tile-overlap", "4")]["tile"] == 12
+    assert len(shapes[("--self-ensemble",)]) == 16 and (25, 20) in shapes[("--self-ensemble",)]
     assert results[("--self-ensemble",)]["self_ensemble"] is True
-    for res in results.values():  # a pointwise model: the same SR whichever way it runs
-        assert res["results"][0]["images"] == whole["images"]
+    assert len(shapes[("--chop",)]) == 8 and (20 // 2 + 10, 25 // 2 + 10) in shapes[("--chop",)]
+    assert results[("--chop",)]["chop"] is True
+    whole = results[()]["results"][0]["images"]
+    assert results[("--self-ensemble",)]["results"][0]["images"] != whole  # not flip-invariant
     # a checkpoint at another scale is refused
     rc = main(["eval", "--weights", str(ckpt), "--scale", "3", "--data", str(root), "--no-progress"])
     assert rc != 0 and "x2" in capsys.readouterr().err
+
+
+def test_eval_json_and_header_name_every_inference_setting(recorder_registered, tiny_root, tmp_path, capsys):
+    from distillsr import create_model, save_model
+    root, _, _ = tiny_root
+    ckpt = save_model(create_model(recorder_registered, 2), tmp_path / "toy.safetensors")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--weights", str(ckpt), "--data", str(root), "--datasets", "Tiny", "--skip-bad",
+                 "--tile", "12", "--tile-overlap", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["tile"], res["tile_overlap"], res["blend"], res["chop"], res["device"]) == (12, 4, "mean", False, "cpu")
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "tiles 12 overlap 4" in header and "cpu" in header
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_eval_device_errors_are_one_line(tiny_root, capsys):
+    root, _, _ = tiny_root
+    for dev, want in [("gpu", "--device 'gpu' is not a device"), ("cuda", "cuda")]:
+        if dev == "cuda" and torch.cuda.is_available():
+            continue
+        rc = main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(root), "--device", dev])
+        err = capsys.readouterr().err
+        assert rc == 2 and want in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_progress_bar_only_on_a_terminal(tiny_root, capsys, monkeypatch):
+    root, _, _ = tiny_root
+    assert main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(root), "--skip-bad"]) == 0
+    assert "\r" not in capsys.readouterr().err  # stderr is no terminal here: no bar
+    evaluate("bicubic", 2, root, ["Tiny"], skip_bad=True, log=lambda m: None)
+    assert "\r" not in capsys.readouterr().err  # the library prints no bar unless asked
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(root), "--skip-bad"]) == 0
+    assert "\r" in capsys.readouterr().err
+
+
+def test_eval_needs_a_scale_without_weights(tiny_root, capsys):
+    root, _, _ = tiny_root
+    assert main(["eval", "--model", "bicubic", "--data", str(root)]) == 2
+    assert "give --scale" in capsys.readouterr().err
 
 
 def test_eval_model_name_uses_shipped_weights_or_fails(toy_registered, tiny_root, tmp_path, monkeypatch, capsys):

@@ -90,6 +90,12 @@ def _is_safetensors(path: Path) -> bool:
 def read_state_dict(path: PathLike) -> Tuple[StateDict, Dict[str, str]]:
     """Read tensors and metadata from a safetensors or torch file, executing no code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file{_meant_in(path)}")
+    if path.name.endswith(".state.pt"):
+        weights = path.with_name(path.name[:-len(".state.pt")] + ".safetensors")
+        raise CheckpointError(f"{path}: is a training state file (optimizer, RNG, step), not network weights; "
+                              f"the weights of that checkpoint are {weights}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     size = path.stat().st_size
@@ -109,6 +115,15 @@ def read_state_dict(path: PathLike) -> Tuple[StateDict, Dict[str, str]]:
     except Exception as e:
         obj = _load_restricted(path, e)
     return _unwrap(obj, path), {}
+
+
+def _meant_in(folder: Path) -> str:
+    """'; did you mean ...' for a training run folder: its final, best or newest weights."""
+    for name in ("model.safetensors", "best.safetensors"):
+        if (folder / name).is_file():
+            return f"; did you mean {folder / name}?"
+    found = sorted(folder.glob("**/*.safetensors"), key=lambda p: p.stat().st_mtime)
+    return f"; did you mean {found[-1]}?" if found else " (no .safetensors weights in it)"
 
 
 def _load_restricted(path: Path, first_error: Exception):

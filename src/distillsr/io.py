@@ -407,6 +407,11 @@ def atomic_write(path: PathLike, write_fn) -> Path:
     return path
 
 
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 @contextmanager
 def file_lock(path: PathLike) -> Iterator[None]:
     """Hold an exclusive lock between processes on ``path`` for the block: a folder, or a

@@ -98,10 +98,15 @@ class Release:
 
     def source_url(self) -> str:
         """``url``, with ``https://github.com`` replaced by ``DISTILLSR_WEIGHTS_MIRROR`` when set."""
+        from .data.download import DownloadError, check_url
         mirror = os.environ.get(MIRROR_ENV, "").rstrip("/")
-        if mirror and self.url.startswith(GITHUB + "/"):
-            return mirror + self.url[len(GITHUB):]
-        return self.url
+        if not mirror or not self.url.startswith(GITHUB + "/"):
+            return self.url
+        try:
+            check_url(mirror, MIRROR_ENV)
+        except DownloadError as e:
+            raise ReleaseError(str(e)) from None
+        return mirror + self.url[len(GITHUB):]
 
 
 @lru_cache(maxsize=1)
@@ -212,7 +217,7 @@ def _install(rel: Release, source: Path, digest: str, log: Log) -> PretrainedEnt
     src = {"url": rel.url, "sha256": digest, "sha256_pinned": bool(rel.sha256), "licence": rel.licence,
            "file": str(source.relative_to(cache_dir())) if source.is_relative_to(cache_dir()) else str(source)}
     entry = save_pretrained(model, rel.name, cache_weights_dir(), training_data="DIV2K (the authors' training)",
-                            notes=f"the authors' released checkpoint, converted to safetensors by distillsr",
+                            notes="the authors' released checkpoint, converted to safetensors by distillsr",
                             source=src)
     log(f"{rel.name} x{rel.scale}: converted to {entry.file}")
     return entry

@@ -52,8 +52,14 @@ def register(sub) -> None:
 
 
 def run_download(args) -> int:
-    from ..data.download import DownloadError, download_dataset
+    from ..data.download import DownloadError, check_url, download_dataset
     from ..data.train_data import DataError
+    if args.mirror is not None:
+        try:
+            check_url(args.mirror, "--mirror")
+        except DownloadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         download_dataset(args.dataset, args.to, parts=args.parts, scales=args.scales, mirror=args.mirror,
                          extract=not args.no_extract, make_lr=not args.no_lr,

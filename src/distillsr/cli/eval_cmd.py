@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                       help="'bicubic' (the classic baseline) or weights by name (`distillsr models`; a "
                            "release such as fdiwn-release is pulled on first use)")
     what.add_argument("--weights", metavar="PATH", help="a checkpoint (any format distillsr.load_model reads)")
-    p.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 3, 4, ...)")
+    p.add_argument("--scale", type=int,
+                   help="upscaling factor (2, 3, 4, ...); with --weights, default the checkpoint's")
     p.add_argument("--data", metavar="ROOT", default=os.environ.get("DISTILLSR_DATA"),
                    help="folder holding the sets (default: $DISTILLSR_DATA)")
     p.add_argument("--datasets", nargs="+", metavar="SET",
@@ -47,13 +48,15 @@ def register(subparsers) -> None:
     out.add_argument("--json", metavar="PATH", help="write all results (per image too) as JSON")
     out.add_argument("--skip-bad", action="store_true",
                      help="skip unreadable or inconsistent images (reported) instead of stopping")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (there is none unless "
+                     "stderr is a terminal)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..engine.evaluate import (EvalError, default_device, evaluate, format_table, load_eval_model,
-                                   release_protocol_for, write_json)
+    from ..engine.evaluate import (EvalError, evaluate, format_table, load_eval_model, release_protocol_for,
+                                   write_json)
+    from ..engine.upscale import select_device
 
     def err(msg: str) -> None:
         print(f"distillsr eval: error: {msg}", file=sys.stderr)
@@ -72,7 +75,10 @@ def run(args) -> int:
             return 2
     args.tile_overlap = 24 if args.tile_overlap is None else args.tile_overlap
     args.ssim = args.ssim or "wang"
-    if args.scale < 1:
+    if args.scale is None and args.weights is None:
+        err("give --scale (it is read from the checkpoint only with --weights)")
+        return 2
+    if args.scale is not None and args.scale < 1:
         err(f"--scale must be a positive integer, got {args.scale}")
         return 2
     if args.tile is not None and args.chop:
@@ -81,10 +87,17 @@ def run(args) -> int:
     if args.tile is not None and not (0 <= args.tile_overlap < args.tile):
         err(f"--tile-overlap must be >= 0 and smaller than --tile, got {args.tile_overlap} with --tile {args.tile}")
         return 2
-    device = args.device or default_device()
+    try:
+        device = str(select_device(args.device or "auto"))
+    except (ValueError, RuntimeError) as e:
+        err(str(e) if isinstance(e, ValueError) else
+            f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+        return 2
     skipped = []
     try:
         model = load_eval_model(args.model, args.weights, scale=args.scale, device=device)
+        if args.scale is None:
+            args.scale = model.module.scale
         if args.protocol == "release":
             proto = release_protocol_for(model)
             args.tile, args.tile_overlap, args.chop, args.ssim = (proto["tile"], proto["tile_overlap"],
@@ -94,7 +107,7 @@ def run(args) -> int:
                           tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble,
                           chop=args.chop, ssim_variant=args.ssim, grey=args.grey,
                           save_images=args.save_images, device=device, skip_bad=args.skip_bad,
-                          progress=not args.no_progress, skipped=skipped)
+                          progress=not args.no_progress and sys.stderr.isatty(), skipped=skipped)
         result["protocol"] = args.protocol
     except (EvalError, OSError) as e:  # OSError: --save-images could not write
         err(str(e))

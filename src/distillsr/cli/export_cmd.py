@@ -28,7 +28,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
     from ..checkpoint import CheckpointError, load_model
     from ..engine.export import DEFAULT_OPSET, ExportError, export_onnx
     from ..registry import create_model

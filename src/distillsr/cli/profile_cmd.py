@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -17,9 +15,9 @@ def register(sub) -> None:
                     "max_memory_allocated on CUDA). MAC conventions: 'conv+linear' is the usual SR "
                     "papers' count; 'paper' adds bias additions and 2 per LayerNorm element (what the "
                     "ASID paper's tables count); 'with attention' adds the attention matmuls.")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="an architecture (random init) or weights by name (see `distillsr models`)")
-    p.add_argument("--scale", type=int, required=True, help="upscaling factor")
+    p.add_argument("--scale", type=int, help="upscaling factor (with --weights, default the checkpoint's)")
     p.add_argument("--weights", help="a checkpoint that load_model accepts (default: random init)")
     p.add_argument("--size", default="1280x720", help="output size WIDTHxHEIGHT (default 1280x720)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -68,13 +66,16 @@ def run(args) -> int:
             torch.set_num_threads(args.threads)
         if args.weights:
             model = load_model(args.weights)
-            if model.arch_name != args.model.lower() or model.scale != args.scale:
+            if (args.model and model.arch_name != args.model.lower()) or (args.scale and model.scale != args.scale):
                 raise ValueError(f"{args.weights}: holds {model.arch_name} x{model.scale}, "
-                                 f"not {args.model} x{args.scale}")
+                                 f"not {args.model or model.arch_name} x{args.scale or model.scale}")
+        elif not args.model or not args.scale:
+            raise ValueError("give --model NAME and --scale S, or --weights PATH")
         else:
             model = _named_model(args.model, args.scale)
         result = profile_model(model, size, device=device, dtype=args.dtype, repeats=args.repeats,
-                               warmup=args.warmup, name=args.model.lower(), time_it=not args.count_only,
+                               warmup=args.warmup, name=(args.model or model.arch_name).lower(),
+                               time_it=not args.count_only,
                                compile=args.compile)
     except (ValueError, KeyError, TypeError, CheckpointError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -89,6 +90,10 @@ def run(args) -> int:
     print(f"  MACs conv+linear          {_g(c.macs)}   (SR papers' usual 'FLOPs')")
     print(f"  MACs paper convention     {_g(c.macs_paper)}   (+ bias adds, 2 x LayerNorm elements)")
     print(f"  MACs with attention       {_g(c.macs_total)}   (= {_g(c.flops)}FLOP)")
+    if c.weight_norm_conv:
+        print(f"  MACs without WN convs     {_g(c.macs_without_weight_norm)}   (less the {_g(c.weight_norm_conv)}"
+              f" of weight-normalised convs: FDIWN's published mult-adds leave those out, its counter "
+              f"skipped them)")
     if result.latency_s:
         t = result.latency_s
         print(f"  latency (median of {len(t)})    {result.median_s * 1e3:.1f} ms   "
@@ -103,14 +108,5 @@ def run(args) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ..io import atomic_write_text
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -12,13 +12,13 @@ image is made from the mod-cropped HR with MATLAB-compatible bicubic
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..io import atomic_write
 from .imresize import imresize
 
 __all__ = ["IMAGE_EXTENSIONS", "STANDARD_SETS", "ImageError", "read_image", "write_png", "modcrop",
@@ -57,7 +57,7 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def write_png(path: PathLike, img: np.ndarray) -> Path:
-    """Write a uint8 H x W x {1,3} (or H x W) image as PNG atomically (temp file + rename)."""
+    """Write a uint8 H x W x {1,3} (or H x W) image as PNG atomically (:func:`distillsr.io.atomic_write`)."""
     from PIL import Image
     path = Path(path)
     img = np.asarray(img)
@@ -65,17 +65,7 @@ def write_png(path: PathLike, img: np.ndarray) -> Path:
         raise TypeError(f"{path}: write_png needs uint8 data, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
 
 
 def modcrop(img: np.ndarray, scale: int) -> np.ndarray:

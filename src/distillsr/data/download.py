@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..io import file_lock
 
-__all__ = ["Remote", "DatasetSpec", "DATASETS", "DownloadError", "download_file", "verify_file",
+__all__ = ["Remote", "DatasetSpec", "DATASETS", "DownloadError", "check_url", "download_file", "verify_file",
            "extract_archive", "make_benchmark_lr", "download_dataset", "MIRROR_ENV"]
 
 MIRROR_ENV = "DISTILLSR_MIRROR"
@@ -164,6 +164,13 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> Optiona
     return total
 
 
+def check_url(url: str, what: str = "URL") -> str:
+    """``url`` if it is an http(s), ftp or file URL; DownloadError naming ``what`` otherwise."""
+    if not re.match(r"^(https?|ftp|file)://[^\s]+$", url or ""):
+        raise DownloadError(f"{what} {url!r} is not a URL (expected http://, https://, ftp:// or file://...)")
+    return url
+
+
 def download_file(url: str, dest, size: Optional[int] = None, sha256: Optional[str] = None,
                   md5: Optional[str] = None, retries: int = 3, timeout: float = 60.0, progress: bool = True,
                   log: Callable[[str], None] = print) -> Path:
@@ -174,6 +181,7 @@ def download_file(url: str, dest, size: Optional[int] = None, sha256: Optional[s
     apart); a later call resumes it too. A complete file that fails its checks
     is deleted (so the next call starts over) and DownloadError is raised.
     """
+    check_url(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(dest.parent):  # one writer of dest.part at a time (a lock on the folder)
@@ -323,6 +331,7 @@ def download_dataset(name: str, to, parts: Optional[Sequence[str]] = None, scale
     if unknown:
         raise DownloadError(f"{name}: unknown part(s) {', '.join(unknown)}; known: {', '.join(spec.files)}")
     base = mirror or os.environ.get(MIRROR_ENV) or spec.base_url
+    check_url(base, "mirror" if base != spec.base_url else "base URL")
     to = Path(to)
     archives = to / "archives"
     for part in parts:

@@ -5,7 +5,7 @@ set, quantises the output to uint8, and scores it against the HR on Y with
 PSNR / SSIM (``distillsr.metrics``). It returns the dict that ``--json`` writes::
 
     {"model": str, "weights": str|None, "scale": int, "ssim_variant": str,
-     "grey": str, "tile": int|None, "tile_overlap": int, "chop": bool,
+     "grey": str, "tile": int|None, "tile_overlap": int, "blend": "mean"|None, "chop": bool,
      "self_ensemble": bool, "device": str,
      "results": [{"dataset": str, "psnr": float, "ssim": float, "num_images": int,
                   "seconds": float, "images": [{"name": str, "psnr": float,
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ def default_device() -> str:
 
 
 def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = None, *,
-                    scale: int, device: str = "cpu") -> EvalModel:
+                    scale: Optional[int] = None, device: str = "cpu") -> EvalModel:
     """Resolve ``--model`` / ``--weights`` into what :func:`evaluate` runs.
 
     * ``weights``: any checkpoint ``distillsr.load_model`` reads (``name``, if
@@ -72,13 +71,15 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
         except CheckpointError as e:
             raise EvalError(str(e)) from e
         arch = getattr(module, "arch_name", type(module).__name__)
-        if getattr(module, "scale", scale) != scale:
+        if scale is not None and getattr(module, "scale", scale) != scale:
             raise EvalError(f"{weights}: the checkpoint is a x{module.scale} model, not x{scale}")
         if name is not None and name.lower() != arch:
             raise EvalError(f"{weights}: the checkpoint holds {arch!r}, not {name!r}")
         return EvalModel(name.lower() if name else arch, str(weights), module)
     if name is None:
         raise EvalError("nothing to evaluate: give --model NAME or --weights PATH")
+    if scale is None:
+        raise EvalError(f"{name}: give the scale (it is read from the checkpoint only with weights)")
     key = name.lower()
     if key == BICUBIC:
         return EvalModel(BICUBIC, None, None)
@@ -158,7 +159,7 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
              tile_overlap: int = 24, self_ensemble: bool = False, chop: bool = False,
              ssim_variant: str = "wang", grey: str = "replicate",
              save_images: Optional[PathLike] = None, device: Optional[str] = None,
-             skip_bad: bool = False, progress: bool = True, weights: Optional[str] = None,
+             skip_bad: bool = False, progress: bool = False, weights: Optional[str] = None,
              log: Optional[Callable[[str], None]] = None,
              skipped: Optional[List[Tuple[str, str]]] = None) -> dict:
     """Score a model on benchmark sets; returns the JSON-shaped dict (module docstring).
@@ -230,7 +231,7 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
                         "num_images": len(images), "seconds": seconds, "images": images})
     return {"model": model.name, "weights": model.weights, "scale": scale,
             "ssim_variant": ssim_variant, "grey": grey, "tile": tile, "tile_overlap": tile_overlap,
-            "chop": bool(chop), "self_ensemble": bool(self_ensemble), "device": str(device),
+            "blend": "mean" if tile else None, "chop": bool(chop), "self_ensemble": bool(self_ensemble), "device": str(device),
             "results": results}
 
 
@@ -243,7 +244,8 @@ def format_table(result: dict, chop: bool = False) -> str:
         how += " + x8 self-ensemble"
     lines = [f"model {result['model']}" + (f" ({result['weights']})" if result["weights"] else "")
              + f", x{result['scale']}, {how}; Y channel, SSIM '{result['ssim_variant']}', "
-               f"grey '{result['grey']}', border {result['scale']}",
+               f"grey '{result['grey']}', border {result['scale']}"
+             + (f", {result['device']}" if result.get("device") else ""),
              f"{'dataset':<12} {'scale':>5} {'PSNR':>7} {'SSIM':>7} {'images':>6} {'seconds':>8}"]
     for r in result["results"]:
         lines.append(f"{r['dataset']:<12} {'x' + str(result['scale']):>5} {r['psnr']:>7.2f} "
@@ -253,16 +255,5 @@ def format_table(result: dict, chop: bool = False) -> str:
 
 def write_json(result: dict, path: PathLike) -> Path:
     """Write the result dict as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from ..io import atomic_write_text
+    return atomic_write_text(path, json.dumps(result, indent=1) + "\n")

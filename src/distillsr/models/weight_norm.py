@@ -60,6 +60,7 @@ def weight_norm_conv(conv: nn.Conv2d, enabled: bool = True) -> nn.Conv2d:
     if enabled:
         conv = _parametrize_weight_norm(conv, name="weight", dim=0)
     conv.register_load_state_dict_pre_hook(_any_layout_hook)
+    conv.weight_normalised = True  # kept when folded: cost counters report these convs apart
     return conv
 
 
