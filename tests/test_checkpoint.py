@@ -110,3 +110,19 @@ def test_official_file_detected_without_flags():
     model = distillsr.load_model(path)
     assert (model.arch_name, model.scale, len(model.blocks)) == ("asid-d8", 3, 8)
     assert model.checkpoint_source.startswith("official ASID")
+
+
+def test_a_state_file_or_run_folder_names_the_weights_meant(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    distillsr.save_model(distillsr.create_model("asid", 2, blocks=1), run / "checkpoints" / "iter_10.safetensors")
+    (run / "checkpoints" / "iter_10.state.pt").write_bytes(b"state")
+    create_model, save_model, load_model = distillsr.create_model, distillsr.save_model, distillsr.load_model
+    with pytest.raises(CheckpointError, match=r"training state file .* the weights of that checkpoint are "
+                       r".*iter_10\.safetensors"):
+        load_model(run / "checkpoints" / "iter_10.state.pt")
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file; did you mean .*iter_10\.safetensors"):
+        load_model(run)
+    save_model(create_model("asid", 2, blocks=1), run / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"did you mean .*run/model\.safetensors\?"):
+        load_model(run)

@@ -164,3 +164,14 @@ def test_benchmark_lr_is_made_when_missing(tmp_path):
     g = Image.open(tmp_path / "benchmark" / "SetX" / "LR_bicubic" / "X2" / "gx2.png")
     assert g.mode == "L" and g.size == (12, 12)
     assert dl.make_benchmark_lr(tmp_path / "benchmark", scales=(2, 3), log=lambda m: None) == 0
+
+
+def test_a_mirror_that_is_not_a_url_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from distillsr.cli.main import main
+    assert main(["data", "download", "benchmark", "--to", str(tmp_path), "--mirror", "notaurl"]) == 2
+    err = capsys.readouterr().err
+    assert "--mirror 'notaurl' is not a URL" in err and "Traceback" not in err
+    monkeypatch.setenv("DISTILLSR_MIRROR", "notaurl")
+    with pytest.raises(DownloadError, match="mirror 'notaurl' is not a URL"):
+        dl.download_dataset("benchmark", tmp_path, progress=False, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []

@@ -96,3 +96,14 @@ def test_models_command_lists_table_and_architectures(table, capsys):
     data = json.loads(capsys.readouterr().out)
     assert {"name": "asid", "scale": 2}.items() <= next(e for e in data["pretrained"]).items()
     assert next(a for a in data["architectures"] if a["name"] == "asid")["params"]["4"] == 313_104
+
+
+def test_import_distillsr_is_enough_for_load_pretrained():
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = "import distillsr; m = distillsr.pretrained.load_pretrained('asid', 2); print(m.arch_name, m.scale)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["asid", "2"]

@@ -83,8 +83,12 @@ def test_parse_size():
 
 def test_peak_memory_sees_a_large_allocation():
     n = 64 << 20  # 256 MB of float32, touched
+    base = peak_memory(lambda: None)
     peak = peak_memory(lambda: torch.ones(n))
-    assert peak is None or peak > 256e6
+    if peak is None or base is None:
+        pytest.skip("peak memory is not measurable on this platform")
+    assert peak - base > 0.9 * 4 * n  # the pytest process alone is above 256 MB: count the growth
+    assert peak - base < 2 * 4 * n
 
 
 def test_cli_profile_writes_json(tmp_path, capsys):
@@ -120,3 +124,22 @@ def test_cli_profile_count_only_for_every_family(capsys):
 def test_cli_profile_bad_input(argv, message, capsys):
     assert main(["profile", *argv, "--count-only"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_profile_says_why_fdiwn_macs_differ_from_the_paper(capsys):
+    assert main(["profile", "--model", "fdiwn", "--scale", "4", "--count-only"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "without WN convs" in l)
+    assert "28.36 G" in line and "FDIWN's published mult-adds" in line  # paper: 28.4 G
+    assert main(["profile", "--model", "asid", "--scale", "4", "--count-only"]) == 0
+    assert "WN convs" not in capsys.readouterr().out  # no weight-normalised convs in ASID
+
+
+def test_cli_profile_takes_model_and_scale_from_the_checkpoint(tmp_path, capsys):
+    ckpt = distillsr.save_model(distillsr.create_model("asid", 3), tmp_path / "a.safetensors")
+    assert main(["profile", "--weights", str(ckpt), "--count-only", "--size", "48x48"]) == 0
+    assert capsys.readouterr().out.startswith("asid x3:")
+    assert main(["profile", "--weights", str(ckpt), "--scale", "2", "--count-only"]) == 2
+    assert "holds asid x3" in capsys.readouterr().err
+    assert main(["profile", "--model", "asid", "--count-only"]) == 2
+    assert "give --model NAME and --scale S, or --weights PATH" in capsys.readouterr().err
