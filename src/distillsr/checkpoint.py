@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .io import atomic_write
 from .registry import create_model
 
 __all__ = ["CheckpointError", "load_model", "save_model", "read_state_dict",
@@ -196,17 +196,5 @@ def save_model(model: torch.nn.Module, path: PathLike, metadata: Optional[Dict[s
     }
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     return path

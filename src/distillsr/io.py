@@ -47,7 +47,8 @@ PathLike = Union[str, os.PathLike]
 # output format name -> (Pillow format, file extension)
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "jpeg": ("JPEG", ".jpg"),
            "webp": ("WEBP", ".webp"), "tiff": ("TIFF", ".tif"), "tif": ("TIFF", ".tif")}
-INPUT_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
+# every image file name ending that is read as an input (upscale, eval, degrade, training data)
+INPUT_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".pgm"})
 # inputs above this many pixels are refused unless the caller raises the limit (0 = no limit)
 DEFAULT_MAX_PIXELS = 50_000_000
 

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from ..checkpoint import Recognised, register_format
+from . import scale_from_upsampler
 
 # applied in order to the part of a key below ``block<i>.``
 _BLOCK_RULES = [
@@ -59,11 +60,6 @@ def official_key(key: str) -> str:
     return f"blocks.{i}.{rest}"
 
 
-def _scale_from_upsampler(weight: torch.Tensor) -> Optional[int]:
-    s = round((weight.shape[0] / 3) ** 0.5)
-    return s if 3 * s * s == weight.shape[0] else None
-
-
 def _count_blocks(sd, pattern: str) -> int:
     return len({m.group(1) for k in sd for m in [re.match(pattern, k)] if m})
 
@@ -74,7 +70,7 @@ def recognise_official(sd: Dict[str, torch.Tensor]) -> Optional[Recognised]:
         return None
     if "block0.residual_layer.0.LB1.net.fn.0.weight" not in sd:
         return None
-    scale = _scale_from_upsampler(sd["up.0.weight"])
+    scale = scale_from_upsampler(sd["up.0.weight"])
     if scale is None:
         return None
     converted = {}
@@ -101,7 +97,7 @@ def recognise_ours(sd: Dict[str, torch.Tensor]) -> Optional[Recognised]:
     """A bare ``model.state_dict()`` of our ASID (no safetensors metadata)."""
     if not {"head.weight", "upsampler.0.weight", "blocks.0.conv.weight"} <= sd.keys():
         return None
-    scale = _scale_from_upsampler(sd["upsampler.0.weight"])
+    scale = scale_from_upsampler(sd["upsampler.0.weight"])
     if scale is None:
         return None
     blocks = _count_blocks(sd, r"^blocks\.(\d+)\.conv\.weight$")

@@ -13,11 +13,11 @@ weight normalisation, ready for inference. Scale = sqrt(``UP1.0`` output channel
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from . import scale_from_upsampler
 from ..checkpoint import Recognised, register_format
 from ..models.weight_norm import fold_g_v
 
@@ -83,9 +83,8 @@ def _fold(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _scale(sd: Dict[str, torch.Tensor], key: str) -> Optional[int]:
-    out = sd[key].shape[0]
-    s = math.isqrt(out // 3)
-    return s if out % 3 == 0 and s * s * 3 == out and s in (2, 3, 4) else None
+    s = scale_from_upsampler(sd[key])
+    return s if s is not None and s in (2, 3, 4) else None
 
 
 def _arch(n_groups: int) -> Optional[str]:

@@ -8,12 +8,12 @@ convs), ``B{k}.c4``, ``B{k}.c5``, ``B{k}.esa.{conv1,conv_f,conv2,conv_max,conv3,
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Dict, Optional
 
 import torch
 
+from . import scale_from_upsampler
 from ..checkpoint import Recognised, register_format
 
 _TOP = {"fea_conv": "head", "c.0": "fuse", "LR_conv": "lr_conv", "upsampler.0": "upsampler.0"}
@@ -37,12 +37,6 @@ def _rename(key: str) -> Optional[str]:
     return None
 
 
-def _scale(sd: Dict[str, torch.Tensor], key: str) -> Optional[int]:
-    out = sd[key].shape[0]
-    s = math.isqrt(out // 3)
-    return s if out % 3 == 0 and s * s * 3 == out else None
-
-
 def _choose(sd: Dict[str, torch.Tensor], scale: int, source: str) -> Recognised:
     channels = sd["head.weight"].shape[0]
     blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
@@ -61,7 +55,7 @@ def _choose(sd: Dict[str, torch.Tensor], scale: int, source: str) -> Recognised:
 def recognise_official_rfdn(sd: Dict[str, torch.Tensor]) -> Optional[Recognised]:
     if not {"fea_conv.weight", "B1.c1_d.weight", "c.0.weight", "upsampler.0.weight"} <= sd.keys():
         return None
-    scale = _scale(sd, "upsampler.0.weight")
+    scale = scale_from_upsampler(sd["upsampler.0.weight"])
     renamed = {_rename(k): v for k, v in sd.items()}
     if scale is None or None in renamed:
         return None
@@ -73,5 +67,5 @@ def recognise_own_rfdn(sd: Dict[str, torch.Tensor]) -> Optional[Recognised]:
     """Our own key layout without metadata (e.g. ``torch.save(model.state_dict())``)."""
     if not {"head.weight", "blocks.0.fdc.0.weight", "lr_conv.weight", "upsampler.0.weight"} <= sd.keys():
         return None
-    scale = _scale(sd, "upsampler.0.weight")
+    scale = scale_from_upsampler(sd["upsampler.0.weight"])
     return None if scale is None else _choose(dict(sd), scale, "distillsr RFDN state dict")

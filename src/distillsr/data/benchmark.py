@@ -18,14 +18,14 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..io import atomic_write
+from ..io import INPUT_EXTENSIONS, atomic_write
 from .imresize import imresize
 
 __all__ = ["IMAGE_EXTENSIONS", "STANDARD_SETS", "ImageError", "read_image", "write_png", "modcrop",
            "make_lr", "BenchmarkItem", "BenchmarkSet", "find_sets", "lr_path", "degrade_folder"]
 
 PathLike = Union[str, os.PathLike]
-IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = tuple(sorted(INPUT_EXTENSIONS))  # the one table, distillsr.io
 STANDARD_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 
 

@@ -38,26 +38,20 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..registry import register_model
 from .base import SRNet
-from .layers import channel_shuffle, spatial_std
+from .layers import channel_shuffle, conv, lrelu, spatial_std
 from .weight_norm import fold_weight_norm, weight_norm_conv
 
 __all__ = ["Scale", "ShuffleAttention", "CoffConv", "WIRW", "WCRW", "SCF", "WDIB", "FSWG",
            "FDIWN", "FDIWN_SCHEDULE", "FDIWN_M_SCHEDULE"]
 
 C = 24  # trunk width at every scale: 3 * n_feats // 8 with n_feats = 64
-LRELU_SLOPE = 0.05
 
 # FSWG parameter set used by each application along the WRDC
 FDIWN_SCHEDULE = (0, 0, 1, 2, 1, 2)
 FDIWN_M_SCHEDULE = (0, 0, 1, 1)
-
-
-def conv(cin: int, cout: int, k: int, bias: bool = True, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias, groups=groups)
 
 
 class Scale(nn.Module):
@@ -180,11 +174,11 @@ class WDIB(nn.Module):
         self.attention = ShuffleAttention(C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        da, ra = F.leaky_relu(self.wirw_a1(x), LRELU_SLOPE).chunk(2, dim=1)  # distilled, remaining
+        da, ra = lrelu(self.wirw_a1(x)).chunk(2, dim=1)  # distilled, remaining
         a = self.wcrw_a(ra)
         b_in = self.coff_a1(a) * a + x                      # first interaction
         a = self.coff_b1(x) * x + a
-        db, rb = F.leaky_relu(self.wirw_b1(b_in), LRELU_SLOPE).chunk(2, dim=1)
+        db, rb = lrelu(self.wirw_b1(b_in)).chunk(2, dim=1)
         b = self.wcrw_b(rb)
         b, a = ((self.coff_a2(a) * a + b) * torch.sigmoid(self.gate_b(db)),  # second interaction
                 (self.coff_b2(b) * b + a) * torch.sigmoid(self.gate_a(da)))

@@ -1,7 +1,20 @@
-"""Small parameter-free operations shared by the CNN families."""
+"""Small layers and operations shared by the CNN families (RFDN, FDIWN)."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LRELU_SLOPE = 0.05  # the LeakyReLU slope of both releases
+
+
+def lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, LRELU_SLOPE)
+
+
+def conv(cin: int, cout: int, k: int, **kw) -> nn.Conv2d:
+    """A "same" convolution (zero padding k // 2); ``kw`` as nn.Conv2d (bias, groups, ...)."""
+    return nn.Conv2d(cin, cout, k, padding=k // 2, **kw)
 
 
 def spatial_std(x: torch.Tensor) -> torch.Tensor:

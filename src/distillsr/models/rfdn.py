@@ -28,21 +28,9 @@ import torch.nn.functional as F
 
 from ..registry import register_model
 from .base import SRNet
-from .layers import spatial_std
+from .layers import conv, lrelu, spatial_std
 
 __all__ = ["SRB", "ESA", "CCA", "RFDB", "RFDN", "ESA_MIN_SIZE"]
-
-LRELU_SLOPE = 0.05  # the official code's LeakyReLU slope
-
-
-def lrelu(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, LRELU_SLOPE)
-
-
-def conv(cin: int, cout: int, k: int, **kw) -> nn.Conv2d:
-    """A "same" convolution (zero padding k // 2), as everywhere in RFDN."""
-    return nn.Conv2d(cin, cout, k, padding=k // 2, **kw)
-
 
 class SRB(nn.Module):
     """Shallow residual block: a 3x3 conv with an identity connection, then LeakyReLU."""
