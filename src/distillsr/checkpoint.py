@@ -128,13 +128,8 @@ def _meant_in(folder: Path) -> str:
 
 def _load_restricted(path: Path, first_error: Exception):
     """Fallback for torch pickles that ``weights_only`` refuses (see convert.safe_pickle)."""
-    try:
-        from .convert.safe_pickle import load_restricted
-    except ModuleNotFoundError:
-        load_restricted = None
-    if load_restricted is not None:
-        return load_restricted(path, first_error)
-    raise _describe_load_error(path, first_error)
+    from .convert.safe_pickle import load_restricted
+    return load_restricted(path, first_error)
 
 
 def _describe_load_error(path: Path, e: Exception) -> CheckpointError:

@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"distillsr {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}_cmd")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{name}_cmd":
-                continue  # not part of this build
-            raise
-        mod.register(sub)
+        importlib.import_module(f"{__package__}.{name}_cmd").register(sub)
     return p
 
 
