@@ -178,14 +178,38 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
     scale = int(scale)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     device = device or default_device()
+    model = _as_eval_model(model, scale, device, weights)
+    upscale = make_upscaler(model, scale, tile=tile, tile_overlap=tile_overlap,
+                            self_ensemble=self_ensemble, chop=chop, device=device)
+
+    def score(ds: BenchmarkSet, item) -> dict:
+        sr = upscale(item.lr)
+        if save_images is not None:
+            write_png(Path(save_images) / ds.name / f"X{scale}" / f"{item.name}.png", sr)
+        p, s = psnr_ssim(sr, item.hr, scale, ssim_variant=ssim_variant, grey=grey)
+        return {"name": item.name, "psnr": p, "ssim": s}
+
+    results = [_score_set(ds, score, skip_bad=skip_bad, progress=progress, log=log, skipped=skipped)
+               for ds in _open_sets(data_root, datasets, scale)]
+    return {"model": model.name, "weights": model.weights, "scale": scale,
+            "ssim_variant": ssim_variant, "grey": grey, "tile": tile, "tile_overlap": tile_overlap,
+            "blend": "mean" if tile else None, "chop": bool(chop), "self_ensemble": bool(self_ensemble),
+            "device": str(device), "results": results}
+
+
+def _as_eval_model(model, scale: int, device: str, weights: Optional[str]) -> EvalModel:
+    """A name, a module or an EvalModel -> an EvalModel of scale ``scale``."""
     if isinstance(model, str):
         model = load_eval_model(model, scale=scale, device=device)
     elif isinstance(model, torch.nn.Module):
         model = EvalModel(getattr(model, "arch_name", type(model).__name__), weights, model)
     if model.module is not None and getattr(model.module, "scale", scale) != scale:
         raise EvalError(f"model {model.name!r} is x{model.module.scale}, not x{scale}")
-    upscale = make_upscaler(model, scale, tile=tile, tile_overlap=tile_overlap,
-                            self_ensemble=self_ensemble, chop=chop, device=device)
+    return model
+
+
+def _open_sets(data_root: PathLike, datasets: Optional[Sequence[str]], scale: int) -> List[BenchmarkSet]:
+    """The benchmark sets named (default: all under ``data_root``), each checked to exist."""
     root = Path(data_root)
     try:
         names = list(datasets) if datasets else find_sets(root)
@@ -194,45 +218,38 @@ def evaluate(model: Union[str, EvalModel, torch.nn.Module], scale: int, data_roo
     if not names:
         raise EvalError(f"{root}: no benchmark sets (folders with an HR folder) found")
     try:
-        sets = [BenchmarkSet(root, n, scale) for n in names]
+        return [BenchmarkSet(root, n, scale) for n in names]
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
 
-    results = []
-    for ds in sets:
-        missing = ds.missing_lr()
-        if missing:
-            what = "the folder is missing" if not ds.lr_dir.is_dir() else f"{len(missing)} of {len(ds)} files missing"
-            log(f"{ds.name}: {ds.lr_dir}: {what}; LR made from HR with MATLAB bicubic")
-        images = []
-        t0 = time.perf_counter()
-        bar = range(len(ds))
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(bar, desc=f"{ds.name} x{scale}", unit="img", file=sys.stderr, leave=False)
-        for i in bar:
-            try:
-                item = ds.load(i)
-            except ImageError as e:
-                if not skip_bad:
-                    raise EvalError(f"{e} (--skip-bad scores the other images)") from e
-                log(f"skipped: {e}")
-                if skipped is not None:
-                    skipped.append((ds.name, str(e)))
-                continue
-            sr = upscale(item.lr)
-            if save_images is not None:
-                write_png(Path(save_images) / ds.name / f"X{scale}" / f"{item.name}.png", sr)
-            p, s = psnr_ssim(sr, item.hr, scale, ssim_variant=ssim_variant, grey=grey)
-            images.append({"name": item.name, "psnr": p, "ssim": s})
-        seconds = time.perf_counter() - t0
-        mean = mean_scores((im["psnr"], im["ssim"]) for im in images)
-        results.append({"dataset": ds.name, "psnr": mean["psnr"], "ssim": mean["ssim"],
-                        "num_images": len(images), "seconds": seconds, "images": images})
-    return {"model": model.name, "weights": model.weights, "scale": scale,
-            "ssim_variant": ssim_variant, "grey": grey, "tile": tile, "tile_overlap": tile_overlap,
-            "blend": "mean" if tile else None, "chop": bool(chop), "self_ensemble": bool(self_ensemble), "device": str(device),
-            "results": results}
+
+def _score_set(ds: BenchmarkSet, score: Callable, *, skip_bad: bool, progress: bool,
+               log: Callable[[str], None], skipped: Optional[List[Tuple[str, str]]]) -> dict:
+    """Score every image of one set (``score(ds, item) -> dict``) and average them."""
+    missing = ds.missing_lr()
+    if missing:
+        what = "the folder is missing" if not ds.lr_dir.is_dir() else f"{len(missing)} of {len(ds)} files missing"
+        log(f"{ds.name}: {ds.lr_dir}: {what}; LR made from HR with MATLAB bicubic")
+    images = []
+    t0 = time.perf_counter()
+    indices = range(len(ds))
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc=f"{ds.name} x{ds.scale}", unit="img", file=sys.stderr, leave=False)
+    for i in indices:
+        try:
+            item = ds.load(i)
+        except ImageError as e:
+            if not skip_bad:
+                raise EvalError(f"{e} (--skip-bad scores the other images)") from e
+            log(f"skipped: {e}")
+            if skipped is not None:
+                skipped.append((ds.name, str(e)))
+            continue
+        images.append(score(ds, item))
+    mean = mean_scores((im["psnr"], im["ssim"]) for im in images)
+    return {"dataset": ds.name, "psnr": mean["psnr"], "ssim": mean["ssim"], "num_images": len(images),
+            "seconds": time.perf_counter() - t0, "images": images}
 
 
 def format_table(result: dict, chop: bool = False) -> str:
