@@ -18,6 +18,7 @@ from distillsr import io as imgio
 from distillsr import register_model, save_model
 from distillsr.cli.main import main
 from distillsr.engine import upscale as eng
+from distillsr.engine import upscaler as upscaler_mod
 from distillsr.engine.upscale import Upscaler, choose_tile, collect_inputs, upscale_files
 from distillsr.models.base import SRNet
 from distillsr.registry import list_models
@@ -324,7 +325,7 @@ def test_tiles_and_bands_are_placed_exactly(monkeypatch, blend, scale):
     model = PointNet(scale).eval()
     x = rand(53, 41, 4).astype(np.float32) / 255
     whole = Upscaler(model, "cpu", tile=None).upscale_array(x, np.float32)
-    monkeypatch.setattr(eng, "BAND_BYTES", 1)  # force one band per tile row: bands are tested too
+    monkeypatch.setattr(upscaler_mod, "BAND_BYTES", 1)  # force one band per tile row: bands are tested too
     up = Upscaler(model, "cpu", tile=16, tile_overlap=4, blend=blend)
     tiled = up.upscale_array(x, np.float32)
     assert up.last_tile == 16 and len(up.plan(53, 41)[1]) > 1

@@ -83,7 +83,7 @@ class OnnxModel:
         """Peak memory of a forward pass, linear in the LR pixels (for ``tile="auto"``):
         the growth of the process's peak RSS over two probe runs (measured once)."""
         from .profile import peak_memory
-        from .upscale import MemoryEstimate
+        from .memory import MemoryEstimate
         if getattr(self, "_estimate", None) is None:
             peaks = []
             for side in (48, 96):
@@ -136,7 +136,7 @@ def onnxruntime_backend(model=None, scale: Optional[int] = None, weights=None,
     if weights is not None and str(weights).lower().endswith(".onnx"):
         runner = OnnxModel(weights, device)
     else:
-        from .upscale import BACKENDS
+        from .backends import BACKENDS
         net = BACKENDS["torch"](model=model, scale=scale, weights=weights, device="cpu",
                                 weights_dir=weights_dir)
         runner = OnnxModel(cached_export(net), device)
@@ -147,7 +147,7 @@ def onnxruntime_backend(model=None, scale: Optional[int] = None, weights=None,
 
 def _register() -> None:
     try:
-        from .upscale import register_backend
+        from .backends import register_backend
     except ImportError:  # pragma: no cover - upscale engine not part of this build
         return
     register_backend("onnxruntime")(onnxruntime_backend)
