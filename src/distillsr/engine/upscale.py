@@ -23,9 +23,9 @@ from .batch import BatchReport, collect_inputs, output_path, upscale_files
 from .device import available_memory, select_device
 from .memory import MemoryEstimate, estimate_memory
 from .tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, MAX_AUTO_TILE, MEMORY_FRACTION, MIN_AUTO_TILE, choose_tile
-from .upscaler import BAND_BYTES, Upscaler
+from .upscaler import Upscaler
 
 __all__ = ["Upscaler", "select_device", "available_memory", "estimate_memory", "choose_tile",
            "load_runner", "register_backend", "BACKENDS", "collect_inputs", "upscale_files",
            "BatchReport", "MemoryEstimate", "DEFAULT_OVERLAP", "DEFAULT_BLEND", "Runner", "output_path",
-           "MIN_AUTO_TILE", "MAX_AUTO_TILE", "MEMORY_FRACTION", "BAND_BYTES"]
+           "MIN_AUTO_TILE", "MAX_AUTO_TILE", "MEMORY_FRACTION"]

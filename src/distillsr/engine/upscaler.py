@@ -1,11 +1,11 @@
 """One image through the network: :class:`Upscaler` upscales a float image array (greyscale is
 run as RGB and averaged back, alpha is upscaled apart with bicubic and re-attached, big
-images go through in horizontal bands of overlapping tiles, optional x8 self-ensemble) and
+images go through in overlapping tiles, one row of tiles at a time, optional x8 self-ensemble) and
 one file (:meth:`Upscaler.upscale_file`)."""
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from .. import io as imgio
 from ..io import ImageWriteError
 from .backends import Runner
+from .infer import BLENDS, iter_tile_rows, self_ensemble, tile_count, tile_layout
 from .tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, choose_tile
 
-__all__ = ["Upscaler", "BAND_BYTES"]
+__all__ = ["Upscaler"]
 
-BAND_BYTES = 256 << 20       # float output of one band of tiles (bounds the blend buffers)
+ALPHA_BAND_BYTES = 64 << 20  # float output of one band of the alpha channel's bicubic resize
+ALPHA_HALO = 2                # LR rows a bicubic output row reaches beyond its own (4 taps)
 
 
 class _Counting:
@@ -33,23 +35,17 @@ class _Counting:
         return y
 
 
-def _tiles_per_pass(h: int, w: int, tile: Optional[int], overlap: int) -> int:
-    """Forward calls ``tiled_forward`` makes for an h x w input (1 for the whole image)."""
-    if tile is None:
-        return 1
-    from .infer import tile_starts
-    t = min(tile, h, w)
-    ov = overlap if t > overlap else t // 2
-    return len(tile_starts(h, t, ov)) * len(tile_starts(w, t, ov))
-
-
 class Upscaler:
     """Upscales float image arrays with one network; see the module docstring.
 
     ``tile``: ``"auto"`` (from free memory), ``None``/``0`` (always the whole image) or an
-    int (LR pixels); ``tile_overlap`` and ``blend`` (``"feather"`` or ``"mean"``) are passed
-    to ``tiled_forward``; ``memory_budget`` (bytes) replaces half the free memory for
-    ``"auto"``. The model is used as given (put it in eval mode on ``device``).
+    int (LR pixels); tiles are clamped to each side of the image on its own (a 20 x 192 strip
+    at tile 64 runs as 20 x 64 tiles), and are run one row of tiles at a time
+    (``engine.infer.iter_tile_rows``) so that only that row's blend buffers are held.
+    ``tile_overlap`` and ``blend`` (``"feather"`` or ``"mean"``) are those of
+    ``tiled_forward``; ``memory_budget`` (bytes) replaces half the free memory for ``"auto"``.
+    With ``self_ensemble`` each tile (or the whole image) is the mean of the 8 flips and
+    rotations. The model is used as given (put it in eval mode on ``device``).
     """
 
     def __init__(self, runner: Runner, device: Union[str, torch.device, None] = None,
@@ -64,7 +60,7 @@ class Upscaler:
             raise ValueError(f"tile {tile} must be larger than twice the overlap {tile_overlap}")
         if tile_overlap < 0:
             raise ValueError(f"tile overlap must be >= 0, got {tile_overlap}")
-        if blend not in ("mean", "feather"):
+        if blend not in BLENDS:
             raise ValueError(f"blend must be 'mean' or 'feather', got {blend!r}")
         self.runner = runner
         if device is None:
@@ -83,35 +79,42 @@ class Upscaler:
         return self.runner.scale
 
     # -- planning
-    def plan(self, height: int, width: int) -> Tuple[Optional[int], List[Tuple[int, int]], int]:
-        """(tile or None, LR row bands [(r0, r1)], halo rows around each band)."""
+    def plan(self, height: int, width: int) -> Optional[Tuple[int, int]]:
+        """The tile ``(tile_h, tile_w)`` in LR pixels for an image, or None for the whole image:
+        the tile (given, or chosen from free memory for ``"auto"``) clamped to each side."""
         tile = self.tile
         if tile == "auto":
             tile = choose_tile(self.runner, height, width, self.device, self.overlap, self.memory_budget)
         if tile is None or (height <= tile and width <= tile):
-            return None, [(0, height)], 0
-        s = self.scale
-        halo = max(self.overlap, 4)
-        # bytes of float output per LR row: the result, the blend accumulators, the ensemble sum
-        row_bytes = 3 * 4 * s * s * width * 3
-        rows = max(tile, int(BAND_BYTES // row_bytes))
-        n = max(1, height // rows)  # equal bands, each at least `rows` (>= tile) high
-        edges = [round(k * height / n) for k in range(n + 1)]
-        return tile, list(zip(edges[:-1], edges[1:])), halo
+            return None
+        return tile_layout(height, width, tile, self.overlap, rect=True)[0]
+
+    def tile_count(self, height: int, width: int) -> int:
+        """Network calls for an image (8 per tile with self-ensemble)."""
+        size = self.plan(height, width)
+        n = 1 if size is None else tile_count(height, width, max(size), self.overlap, rect=True)
+        return n * (8 if self.self_ensemble else 1)
 
     # -- inference
-    def _forward_fn(self, tile: Optional[int], bar=None):
+    def _tile_fn(self, bar=None):
         runner = self.runner if bar is None else _Counting(self.runner, bar)
-        if tile is None and not self.self_ensemble:
+        if not self.self_ensemble:
             return runner
-        from .infer import make_forward
-        return make_forward(runner, self.scale, tile=tile, overlap=self.overlap, blend=self.blend,
-                            ensemble=self.self_ensemble)
+        return lambda x: self_ensemble(runner, x)
+
+    def _colour_rows(self, image: np.ndarray, cc: int):
+        """``rows(a, b)``: the colour channels of image rows a:b as a 1 x 3 x (b-a) x W float
+        tensor on the device (grey repeated as RGB), converted only when asked for."""
+        def rows(a: int, b: int) -> torch.Tensor:
+            band = np.ascontiguousarray(imgio.to_float(image[a:b, :, :cc]))
+            x = torch.from_numpy(band).to(self.device).permute(2, 0, 1).unsqueeze(0)
+            return x.expand(-1, 3, -1, -1) if cc == 1 else x
+        return rows
 
     def upscale_array(self, image: np.ndarray, out_dtype=np.float32, bar=None) -> np.ndarray:
         """H x W x C array (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; float in [0, 1], or uint8 /
-        uint16, converted band by band) -> H*s x W*s x C array of ``out_dtype`` (uint8, uint16,
-        or float32 clipped to [0, 1]).
+        uint16, converted tile row by tile row) -> H*s x W*s x C array of ``out_dtype`` (uint8,
+        uint16, or float32 clipped to [0, 1]).
 
         ``bar``: a tqdm-like progress bar, reset to the number of tiles and advanced by them.
         """
@@ -119,35 +122,44 @@ class Upscaler:
             raise ValueError(f"expected an H x W x C image with C in 1..4, got shape {image.shape}")
         h, w, c = image.shape
         s = self.scale
-        has_alpha = c in (2, 4)
-        cc = c - int(has_alpha)
-        tile, bands, halo = self.plan(h, w)
-        self.last_tile = tile
-        forward = self._forward_fn(tile, bar)
+        cc = c - int(c in (2, 4))
+        size = self.plan(h, w)
+        self.last_tile = None if size is None else max(size)
         if bar is not None:
-            passes = 8 if self.self_ensemble else 1
-            bar.reset(total=passes * sum(_tiles_per_pass(min(h, r1 + halo) - max(0, r0 - halo), w, tile,
-                                                         self.overlap) for r0, r1 in bands))
+            bar.reset(total=self.tile_count(h, w))
         out = np.empty((h * s, w * s, c), dtype=out_dtype)
-        for r0, r1 in bands:
-            a, b = max(0, r0 - halo), min(h, r1 + halo)
-            band = torch.from_numpy(np.ascontiguousarray(imgio.to_float(image[a:b]))).to(self.device)
-            band = band.permute(2, 0, 1).unsqueeze(0)
-            x = band[:, :cc]
-            if cc == 1:
-                x = x.expand(-1, 3, -1, -1)
-            with torch.inference_mode():
-                y = forward(x)
-                y = y[:, :, (r0 - a) * s:(r1 - a) * s]
+        rows = self._colour_rows(image, cc)
+        tile_fn = self._tile_fn(bar)
+        with torch.inference_mode():
+            if size is None:
+                parts = [(0, h, tile_fn(rows(0, h)))]
+            else:
+                ov = tile_layout(h, w, max(size), self.overlap, rect=True)[1]
+                parts = iter_tile_rows(tile_fn, rows, h, w, s, size, ov, self.blend)
+            for r0, r1, y in parts:
                 if cc == 1:
                     y = y.mean(1, keepdim=True)
                 out[r0 * s:r1 * s, :, :cc] = imgio.from_float(y[0].permute(1, 2, 0), out_dtype, inplace=True)
                 del y
-                if has_alpha:
-                    al = F.interpolate(band[:, cc:], scale_factor=s, mode="bicubic", align_corners=False)
-                    al = al[:, :, (r0 - a) * s:(r1 - a) * s]
-                    out[r0 * s:r1 * s, :, cc:] = imgio.from_float(al[0].permute(1, 2, 0), out_dtype, inplace=True)
+            if c > cc:
+                self._upscale_alpha(image[:, :, cc:], out[:, :, cc:])
         return out
+
+    def _upscale_alpha(self, alpha: np.ndarray, out: np.ndarray) -> None:
+        """Bicubic x``scale`` of the alpha channel into ``out``, in bands of rows, each with
+        ``ALPHA_HALO`` rows of context on either side (what bicubic reads), so the result is
+        the whole-image resize."""
+        h, w = alpha.shape[:2]
+        s = self.scale
+        step = max(1, ALPHA_BAND_BYTES // (4 * s * s * w))
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            a, b = max(0, r0 - ALPHA_HALO), min(h, r1 + ALPHA_HALO)
+            band = torch.from_numpy(np.ascontiguousarray(imgio.to_float(alpha[a:b])))
+            band = band.to(self.device).permute(2, 0, 1).unsqueeze(0)
+            y = F.interpolate(band, scale_factor=s, mode="bicubic", align_corners=False)
+            y = y[:, :, (r0 - a) * s:(r1 - a) * s]
+            out[r0 * s:r1 * s] = imgio.from_float(y[0].permute(1, 2, 0), out.dtype, inplace=True)
 
     # -- files
     def upscale_file(self, src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
