@@ -302,6 +302,41 @@ def test_api_returns_the_same_kind():
         distillsr.upscale([1, 2, 3], 2, model, device="cpu")
 
 
+def test_api_refuses_float_input_outside_0_1():
+    """A float image in 0..255 would come back white: it is refused, saying what to do."""
+    model = Toy(2)
+    a255 = rand(7, 9, 3).astype(np.float32)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], but they run from .* to 2\d\d; divide a "
+                                         r"0\.\.255 image by 255 \(or pass it as uint8\)"):
+        distillsr.upscale(a255, 2, model, device="cpu")
+    with pytest.raises(ValueError, match="divide a 0..255 image by 255"):
+        distillsr.upscale(torch.from_numpy(a255).permute(2, 0, 1), 2, model, device="cpu")
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        distillsr.upscale(torch.rand(3, 7, 9) * 2 - 1, 2, model, device="cpu")
+    with pytest.raises(ValueError, match=r"from 1.01 to 1.01; clip it to \[0, 1\] first"):
+        distillsr.upscale(np.full((7, 9), 1.01), 2, model, device="cpu")
+    nan = np.zeros((7, 9, 3))
+    nan[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        distillsr.upscale(nan, 2, model, device="cpu")
+    ok = distillsr.upscale(np.ones((7, 9, 3), np.float32), 2, model, device="cpu")  # the ends are fine
+    assert ok.shape == (14, 18, 3)
+
+
+def test_api_defaults_use_the_best_weights_present():
+    """``distillsr.upscale(img, scale=4)``: with an empty cache the bundled e-rfdn-release x4."""
+    from distillsr.pretrained import choose_default, load_pretrained
+    assert choose_default(4).name == "e-rfdn-release"
+    img = rand(12, 10, 3)
+    out = distillsr.upscale(img, scale=4)
+    net = load_pretrained("e-rfdn-release", 4)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        ref = imgio.from_float(net(x)[0].permute(1, 2, 0), np.uint8)
+    assert out.dtype == np.uint8 and out.shape == (48, 40, 3)
+    np.testing.assert_array_equal(out, ref)
+
+
 # ---------------------------------------------------------------- tiling and memory
 
 class Local(SRNet):
