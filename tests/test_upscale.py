@@ -274,6 +274,56 @@ def test_interrupted_batch_leaves_no_partial_output(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "out" / "im0.png").size == (32, 32)
 
 
+def test_bicubic_model_is_matlab_imresize(tmp_path, capsys):
+    """``--model bicubic`` (as in eval) is MATLAB's bicubic resize, no network involved."""
+    from distillsr.data.imresize import imresize
+    img = rand(13, 11, 3)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--model", "bicubic",
+                 "--scale", "3", "--device", "cpu", "--no-progress"]) == 0
+    assert "(x3, bicubic, cpu)" in capsys.readouterr().out
+    got = np.asarray(Image.open(tmp_path / "o" / "x.png")).astype(int)
+    matlab = imresize(img, 3).astype(int)  # MATLAB rounds each 1-D pass on uint8 data: within a level
+    assert got.shape == (39, 33, 3) and np.abs(got - matlab).max() <= 1 and (got == matlab).mean() > 0.9
+    f = rand(13, 11, 3).astype(np.float64) / 255
+    y = distillsr.upscale(f, 4, "bicubic", device="cpu")
+    rows = np.clip(imresize(f, size=(52, 11)), 0, 1)  # rows first, clipped between the passes
+    np.testing.assert_allclose(y, np.clip(imresize(rows, size=(52, 44)), 0, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="takes no weights and no backend"):
+        eng.load_runner("bicubic", 2, backend="onnxruntime")
+
+
+def test_onnxruntime_export_is_announced_cached_and_onnx_weights_need_no_backend(tmp_path, toy_ckpt, capsys):
+    """The first onnxruntime run says it exports once and where it caches the file (written with
+    the user's file mode); later runs reuse it; a .onnx file runs without --backend, in the
+    CLI and in distillsr.upscale."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    img = rand(9, 7, 3)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    args = ["upscale", str(tmp_path / "x.png"), "--weights", str(toy_ckpt), "--backend", "onnxruntime",
+            "--device", "cpu", "--no-progress"]
+    old = os.umask(0o022)
+    try:
+        assert main(args + ["-o", str(tmp_path / "o1")]) == 0
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    cached = list((Path(os.environ["DISTILLSR_CACHE"]) / "onnx").glob("*.onnx"))
+    assert len(cached) == 1
+    assert f"exporting toy-upscale-test x2 to ONNX for onnxruntime (once; it can take a minute or more), " \
+           f"cached as {cached[0]}" in err
+    assert cached[0].stat().st_mode & 0o777 == 0o644
+    assert main(args + ["-o", str(tmp_path / "o2")]) == 0
+    assert "exporting" not in capsys.readouterr().err
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "o3"), "--weights", str(cached[0]),
+                 "--device", "cpu", "--no-progress"]) == 0
+    first = np.asarray(Image.open(tmp_path / "o1" / "x.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o3" / "x.png")), first)
+    np.testing.assert_array_equal(distillsr.upscale(img, 2, cached[0], device="cpu"), first)
+    np.testing.assert_array_equal(distillsr.upscale(img, 2, str(cached[0]), device="cpu"), first)
+
+
 # ---------------------------------------------------------------- Python API
 
 def test_api_returns_the_same_kind():

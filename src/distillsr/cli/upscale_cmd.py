@@ -30,10 +30,13 @@ def register(sub) -> None:
                    help="upscaling factor (default 4; with --weights, the checkpoint's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default=None, metavar="NAME",
-                   help="weights by name (`distillsr models`; a release is pulled on first use); "
-                   "default: the best weights on this machine for the scale, by their Set5 PSNR")
-    g.add_argument("--weights", default=None, metavar="PATH", help="a checkpoint file instead")
-    p.add_argument("--backend", default="torch", choices=sorted(BACKENDS), help="inference backend")
+                   help="weights by name (`distillsr models`; a release is pulled on first use), or "
+                   "bicubic (MATLAB's bicubic resize, no network); default: the best weights on this "
+                   "machine for the scale, by their Set5 PSNR")
+    g.add_argument("--weights", default=None, metavar="PATH",
+                   help="a checkpoint file instead, or an ONNX export (.onnx, run by onnxruntime)")
+    p.add_argument("--backend", default=None, choices=sorted(BACKENDS),
+                   help="inference backend (default: onnxruntime for a .onnx file, else torch)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--tile", type=_tile, default="auto", metavar="auto|N",
                    help="tile size in LR pixels; auto picks it from free memory and uses the whole "

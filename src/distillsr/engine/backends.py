@@ -3,16 +3,22 @@
 A *runner* is called on an N x 3 x h x w float tensor in [0, 1] on its device and returns the
 N x 3 x h*s x w*s result; it has an int attribute ``scale``. Backends are factories
 ``factory(model, scale, weights, device, weights_dir) -> runner`` registered by name with
-:func:`register_backend`; ``torch`` is built in, ``onnxruntime`` is imported when asked for.
+:func:`register_backend`; ``torch`` is built in, ``onnxruntime`` is imported when asked for
+(and chosen by itself for a ``.onnx`` weights file). The model name ``bicubic`` is
+:class:`Bicubic`, MATLAB's bicubic resize, which needs no network.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
+import numpy as np
 import torch
 
-__all__ = ["Runner", "BACKENDS", "register_backend", "load_runner"]
+__all__ = ["Runner", "BACKENDS", "register_backend", "load_runner", "Bicubic", "BICUBIC", "is_onnx_file"]
+
+BICUBIC = "bicubic"
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,11 +65,55 @@ def _onnxruntime_backend(**kwargs):
     return onnxruntime_backend(**kwargs)
 
 
+class Bicubic(torch.nn.Module):
+    """MATLAB's ``imresize(I, s, 'bicubic')`` enlargement as a runner (``--model bicubic``):
+    the taps of ``distillsr.data.imresize``, rows first, in the input's float type. As MATLAB
+    does for images of integer type, the first pass is clipped to [0, 1] before the second;
+    MATLAB's rounding of that pass to 8 bits is not done, so 8-bit results are within one
+    level of ``imresize`` on uint8 data."""
+
+    arch_name = BICUBIC
+
+    def __init__(self, scale: int):
+        super().__init__()
+        if not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"bicubic: scale must be a positive integer, got {scale!r}")
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..data.imresize import resize_weights
+        for axis in (-2, -1):  # equal scales: rows first, as MATLAB
+            n = x.shape[axis]
+            idx, w = resize_weights(n, n * self.scale, float(self.scale))
+            idx = torch.from_numpy(np.array(idx)).to(x.device)
+            w = torch.from_numpy(np.array(w)).to(device=x.device, dtype=x.dtype)
+            shape = (-1, 1) if axis == -2 else (-1,)
+            acc = x.index_select(axis, idx[:, 0]) * w[:, 0].reshape(shape)
+            for k in range(1, idx.shape[1]):
+                acc += x.index_select(axis, idx[:, k]) * w[:, k].reshape(shape)
+            x = acc.clamp_(0, 1) if axis == -2 else acc
+        return x
+
+
+def is_onnx_file(weights: Union[str, os.PathLike, None]) -> bool:
+    """A weights path that names an ONNX export (by its ``.onnx`` extension)."""
+    return weights is not None and Path(weights).suffix.lower() == ".onnx"
+
+
 def load_runner(model: Union[str, torch.nn.Module, None] = None, scale: Optional[int] = None, *,
                 weights: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
-                backend: str = "torch", weights_dir=None) -> Runner:
-    """Build the network runner: a pretrained name, a checkpoint file or a module."""
+                backend: Optional[str] = None, weights_dir=None) -> Runner:
+    """Build the runner: a pretrained name (or ``"bicubic"``), a checkpoint or ``.onnx`` file,
+    or a module. ``backend`` None: ``onnxruntime`` for a ``.onnx`` file, else ``torch``."""
+    if isinstance(model, str) and model.lower() == BICUBIC:
+        if weights is not None or backend not in (None, "torch"):
+            raise ValueError("bicubic is a plain resize run by torch: it takes no weights and no backend")
+        return Bicubic(4 if scale is None else scale).to(device)
+    if backend is None:
+        backend = "onnxruntime" if is_onnx_file(weights) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
+    if backend == "torch" and is_onnx_file(weights):
+        raise ValueError(f"{weights}: an ONNX file runs with the onnxruntime backend, not torch")
     return BACKENDS[backend](model=model, scale=scale, weights=weights, device=device,
                              weights_dir=weights_dir)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .backends import BACKENDS, is_onnx_file
 
 __all__ = ["OnnxModel", "onnxruntime_backend", "cached_export"]
 
@@ -113,9 +117,17 @@ def _cache_dir() -> Path:
     return Path(base) / "onnx"
 
 
-def cached_export(model: torch.nn.Module, cache_dir: Union[str, os.PathLike, None] = None) -> Path:
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cached_export(model: torch.nn.Module, cache_dir: Union[str, os.PathLike, None] = None,
+                  log: Optional[Callable[[str], None]] = _say) -> Path:
     """The ONNX file of ``model``, exported on first use and then reused (keyed by the
-    architecture, scale and a hash of the weights)."""
+    architecture, scale and a hash of the weights). An export (which can take a minute) is
+    announced through ``log`` (stderr by default), with where the file is cached; the file is
+    written by ``distillsr.io.atomic_write`` (complete or absent, the user's file mode)."""
+    from ..io import atomic_write
     from .export import DEFAULT_OPSET, export_onnx
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -126,17 +138,22 @@ def cached_export(model: torch.nn.Module, cache_dir: Union[str, os.PathLike, Non
     path = Path(cache_dir) if cache_dir else _cache_dir()
     target = path / name
     if not target.is_file():
-        export_onnx(model, target)
+        if log:
+            log(f"exporting {getattr(model, 'arch_name', 'the model')} x{model.scale} to ONNX for onnxruntime "
+                f"(once; it can take a minute or more), cached as {target}")
+        start = time.perf_counter()
+        atomic_write(target, lambda tmp: export_onnx(model, tmp))
+        if log:
+            log(f"exported in {time.perf_counter() - start:.0f} s")
     return target
 
 
 def onnxruntime_backend(model=None, scale: Optional[int] = None, weights=None,
                         device: Union[str, torch.device] = "cpu", weights_dir=None) -> OnnxModel:
     """Runner factory for ``distillsr.engine.upscale`` (``backend="onnxruntime"``)."""
-    if weights is not None and str(weights).lower().endswith(".onnx"):
+    if is_onnx_file(weights):
         runner = OnnxModel(weights, device)
     else:
-        from .backends import BACKENDS
         net = BACKENDS["torch"](model=model, scale=scale, weights=weights, device="cpu",
                                 weights_dir=weights_dir)
         runner = OnnxModel(cached_export(net), device)
