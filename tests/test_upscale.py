@@ -19,6 +19,7 @@ from distillsr import register_model, save_model
 from distillsr.cli.main import main
 from distillsr.engine import upscale as eng
 from distillsr.engine import upscaler as upscaler_mod
+from distillsr.engine.batch import MANIFEST
 from distillsr.engine.upscale import DEFAULT_OVERLAP, Upscaler, choose_tile, collect_inputs, upscale_files
 from distillsr.models.base import SRNet
 from distillsr.registry import list_models
@@ -60,6 +61,11 @@ def toy_ckpt(tmp_path_factory, toy_arch):
     """Toy x2 weights as a checkpoint file, for the CLI's --weights."""
     model = distillsr.create_model("toy-upscale-test", 2)
     return save_model(model, tmp_path_factory.mktemp("ckpt") / "toy_x2.safetensors")
+
+
+def listed(folder):
+    """A folder's files, but for upscale's record of its outputs (temporary files do show)."""
+    return sorted(set(os.listdir(folder)) - {MANIFEST})
 
 
 def rand(h, w, c, dtype=np.uint8):
@@ -178,7 +184,7 @@ def test_bad_files_reported_others_done(tmp_path, toy_ckpt, capsys):
                "--weights", str(toy_ckpt), "--device", "cpu", "--no-progress"])
     cap = capsys.readouterr()
     assert rc == 1
-    assert sorted(os.listdir(tmp_path / "out")) == ["good0.png", "good1.png"]
+    assert listed(tmp_path / "out") == ["good0.png", "good1.png"]
     assert "truncated.png: truncated or corrupt PNG" in cap.err
     assert "zero.png: empty file (0 bytes)" in cap.err
     assert "missing.png: no such file or folder" in cap.err
@@ -195,7 +201,7 @@ def test_skip_existing_unless_overwrite_and_relative_paths(tmp_path, toy_ckpt, c
     args = ["upscale", str(src), "-o", str(out), "--weights", str(toy_ckpt), "--device", "cpu",
             "--no-progress", "--recursive", "--suffix", "_x2", "--format", "png"]
     assert main(args) == 0
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST) == [
         "a/b/deep_x2.png", "top_x2.png"]
     (out / "top_x2.png").write_bytes(b"keep me")
     assert main(args) == 0
@@ -209,6 +215,142 @@ def test_skip_existing_unless_overwrite_and_relative_paths(tmp_path, toy_ckpt, c
     # without --recursive only the top folder
     items, _ = collect_inputs([str(src)])
     assert [str(r) for _, r in items] == ["top.png"]
+
+
+def _up(args, toy_ckpt):
+    return main(["upscale", *map(str, args), "--weights", str(toy_ckpt), "--device", "cpu", "--no-progress"])
+
+
+def test_outputs_inside_the_inputs_are_left_out_of_the_next_run(tmp_path, toy_ckpt, capsys):
+    """``upscale nest -o nest/up --recursive`` and ``upscale dir -o dir --suffix _x4`` (and a glob)
+    run twice: the second run finds its own outputs and leaves them out of its inputs."""
+    nest = tmp_path / "nest"
+    (nest / "sub").mkdir(parents=True)
+    Image.fromarray(rand(6, 6, 3)).save(nest / "a.png")
+    Image.fromarray(rand(6, 6, 3)).save(nest / "sub" / "b.png")
+    for _ in range(2):
+        assert _up([nest, "-o", nest / "up", "--recursive"], toy_ckpt) == 0
+    out = capsys.readouterr()
+    assert not (nest / "up" / "up").exists()
+    assert sorted(p.relative_to(nest).as_posix() for p in nest.rglob("*.png")) == [
+        "a.png", "sub/b.png", "up/a.png", "up/sub/b.png"]
+    assert "0 upscaled, 2 skipped" in out.out and "left out 2 file(s) under" in out.err
+    flat = tmp_path / "dir"
+    flat.mkdir()
+    Image.fromarray(rand(6, 6, 3)).save(flat / "c.png")
+    Image.fromarray(rand(6, 6, 3)).save(flat / "d.jpg")
+    for _ in range(2):
+        assert _up([flat, "-o", flat, "--suffix", "_x4"], toy_ckpt) == 0
+        assert _up([flat / "*.png", "-o", flat, "--suffix", "_x4"], toy_ckpt) == 0
+    assert listed(flat) == ["c.png", "c_x4.png", "d.jpg", "d_x4.jpg"]
+    # outputs recorded in the folder are left out even under another suffix
+    assert _up([flat, "-o", flat, "--suffix", "_big"], toy_ckpt) == 0
+    assert listed(flat) == ["c.png", "c_big.png", "c_x4.png", "d.jpg", "d_big.jpg", "d_x4.jpg"]
+    # a file named on the command line is the user's choice, even in the output folder
+    items, _ = collect_inputs([flat / "c_x4.png", flat], out_dir=flat, suffix="_x4")
+    assert [r.name for _, r in items] == ["c_x4.png", "c.png", "c_big.png", "d.jpg", "d_big.jpg"]
+
+
+@pytest.mark.parametrize("suffix", ["/../../x", "..", "_x4/", "a\\b"])
+def test_suffix_that_leaves_the_output_folder_is_refused(tmp_path, toy_ckpt, suffix, capsys):
+    Image.fromarray(rand(6, 6, 3)).save(tmp_path / "x.png")
+    # a missing checkpoint: the suffix is refused before the model is loaded
+    rc = main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "a" / "b" / "o"), "--suffix", suffix,
+               "--weights", str(tmp_path / "none.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --suffix") and "may not contain a path separator or '..'" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["x.png"]
+    with pytest.raises(ValueError, match="may not contain"):
+        upscale_files([tmp_path / "x.png"], tmp_path / "o", Upscaler(Toy(2), "cpu"), suffix=suffix)
+
+
+def test_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, toy_ckpt, capsys):
+    Image.fromarray(rand(6, 6, 3)).save(tmp_path / "x.png")
+    (tmp_path / "taken").write_bytes(b"a file")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        rc = main(["upscale", str(tmp_path / "x.png"), "-o", str(out), "--weights", str(tmp_path / "none.pth")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"output folder {out}" in err and "is an existing file" in err
+        with pytest.raises(ValueError, match="is an existing file"):
+            upscale_files([tmp_path / "x.png"], out, Upscaler(Toy(2), "cpu"))
+    assert (tmp_path / "taken").read_bytes() == b"a file"
+
+
+def test_skip_only_outputs_made_with_the_same_settings(tmp_path, monkeypatch, capsys):
+    """An x3 run, then an x2 run into the same folder: the x2 run redoes the x3 outputs (and
+    says why); a second x2 run skips them (and says why); a changed input or other weights
+    are made again; a file the user put there is kept."""
+    from distillsr.pretrained import save_pretrained
+    for scale in (2, 3):
+        save_pretrained(distillsr.create_model("toy-upscale-test", scale), "toy", tmp_path / "w")
+    save_pretrained(distillsr.create_model("toy-upscale-test", 2, seed=1), "toy2", tmp_path / "w")
+    monkeypatch.setenv("DISTILLSR_WEIGHTS_DIR", str(tmp_path / "w"))
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(rand(5, 7, 3)).save(src / "x.png")
+    Image.fromarray(rand(5, 7, 3)).save(src / "y.jpg")
+
+    def run(*extra):
+        rc = main(["upscale", str(src), "-o", str(out), "--device", "cpu", "--no-progress", *extra])
+        assert rc == 0
+        return capsys.readouterr()
+
+    run("--model", "toy", "--scale", "3")
+    assert Image.open(out / "x.png").size == (21, 15)
+    cap = run("--model", "toy", "--scale", "2")
+    assert "2 upscaled, 0 skipped" in cap.out and Image.open(out / "x.png").size == (14, 10)
+    assert f"redo: {out / 'x.png'}: was made with x3 toy, now x2 toy" in cap.err
+    assert f"redo: {out / 'y.jpg'}: was made with x3 toy at quality 95, now x2 toy at quality 95" in cap.err
+    cap = run("--model", "toy", "--scale", "2")
+    assert "0 upscaled, 2 skipped (2 made with the same settings; --overwrite redoes them)" in cap.out
+    assert f"skip: {out / 'x.png'}: made already from this input with x2 toy" in cap.err
+    cap = run("--model", "toy", "--scale", "2", "--quality", "80")
+    assert "1 upscaled, 1 skipped" in cap.out and "at quality 95, now x2 toy at quality 80" in cap.err
+    Image.fromarray(rand(5, 7, 3)).save(src / "x.png")
+    os.utime(src / "x.png", ns=(1, 1))  # a new input, whatever the clock's resolution
+    cap = run("--model", "toy", "--scale", "2", "--quality", "80")
+    assert "1 upscaled, 1 skipped" in cap.out and f"its input {src / 'x.png'} changed since" in cap.err
+    cap = run("--model", "toy2", "--scale", "2", "--quality", "80")
+    assert "2 upscaled, 0 skipped" in cap.out and "was made with x2 toy at quality 80, now x2 toy2" in cap.err
+    (out / "x.png").write_bytes(b"the user's own file")
+    cap = run("--model", "toy2", "--scale", "2", "--quality", "80")
+    assert "0 upscaled, 2 skipped (1 made with the same settings, 1 not recorded as made by upscale" in cap.out
+    assert (f"skip: {out / 'x.png'}: exists, and is not recorded as made by distillsr upscale (or was changed "
+            "since)") in cap.err
+    assert (out / "x.png").read_bytes() == b"the user's own file"
+    import json
+    record = json.loads((out / MANIFEST).read_text())["outputs"]["y.jpg"]
+    assert (record["scale"], record["model"], record["quality"], record["input"]) == (
+        2, "toy2", 80, str((src / "y.jpg").resolve()))
+
+
+def test_name_collisions_follow_a_rule_and_hint_what_works(tmp_path, toy_ckpt, capsys):
+    """Inputs that map to one output: the one already in the output's format wins, else the
+    first by path, whatever the order they are named in; the others get a hint that works."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "a.jpg", "b.bmp", "b.png"):
+        Image.fromarray(rand(6, 6, 3)).save(d / name)
+    expect = Upscaler(Toy(2), "cpu", tile=None).upscale_array(np.asarray(Image.open(d / "a.png")), np.uint8)
+    for order in (["a.jpg", "a.png"], ["a.png", "a.jpg"]):
+        out = tmp_path / ("o" + order[0])
+        assert _up([*(d / n for n in order), "-o", out, "--format", "png"], toy_ckpt) == 1
+        err = capsys.readouterr().err
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), expect)
+        assert (f"{d / 'a.jpg'}: its output {out / 'a.png'} is also the output of {d / 'a.png'}, which is "
+                "upscaled") in err
+        assert "leave out --format: each output then keeps its input's format and extension" in err
+    assert _up([d / "a.jpg", d / "a.png", "-o", tmp_path / "kept"], toy_ckpt) == 0  # the hint works
+    assert listed(tmp_path / "kept") == ["a.jpg", "a.png"]
+    assert _up([d / "b.bmp", d / "b.png", "-o", tmp_path / "bmp"], toy_ckpt) == 1  # BMP is written as PNG
+    assert "rename one of the inputs, or upscale it into another -o folder" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for sub in ("y", "x"):
+        Image.fromarray(rand(6, 6, 3)).save(tmp_path / sub / "c.png")
+    assert _up([tmp_path / "y" / "c.png", tmp_path / "x" / "c.png", "-o", tmp_path / "xy"], toy_ckpt) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'y' / 'c.png'}: its output" in err and "upscale them into separate -o folders" in err
 
 
 def test_output_never_replaces_its_input(tmp_path, toy_ckpt, capsys):
@@ -270,7 +412,7 @@ def test_interrupted_batch_leaves_no_partial_output(tmp_path, monkeypatch):
     up = Upscaler(Toy(2), "cpu", tile=None)
     with pytest.raises(KeyboardInterrupt):
         upscale_files([src], tmp_path / "out", up, progress=False)
-    assert sorted(os.listdir(tmp_path / "out")) == ["im0.png"]
+    assert listed(tmp_path / "out") == ["im0.png"]
     assert Image.open(tmp_path / "out" / "im0.png").size == (32, 32)
 
 

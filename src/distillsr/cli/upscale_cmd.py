@@ -49,9 +49,12 @@ def register(sub) -> None:
                    help="average the 8 flips/rotations (8x slower, slightly better)")
     p.add_argument("--format", choices=("png", "jpg", "webp", "tiff"), default=None,
                    help="output format (default: the input's, PNG for other inputs)")
-    p.add_argument("--suffix", default="", help="added to output names, e.g. _x4")
+    p.add_argument("--suffix", default="", help="added to output names, e.g. _x4 (no / or ..)")
     p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG / WebP quality 1-100 (default 95)")
-    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo outputs that already exist (by default those made from the same input "
+                   "with the same scale and model are skipped, others made again; files not made by "
+                   "upscale are kept)")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders (and ** in globs)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
@@ -79,10 +82,17 @@ def _default_weights(scale: int) -> str:
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError
+    from ..engine.batch import check_output_dir, check_suffix
     from ..engine.upscale import Upscaler, load_runner, select_device, upscale_files
     from ..pretrained import PretrainedError
     if not 1 <= args.quality <= 100:
         print(f"error: --quality must be in 1..100, got {args.quality}", file=sys.stderr)
+        return 2
+    try:  # options that would fail every image are refused before the model loads
+        check_suffix(args.suffix)
+        check_output_dir(args.output)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         device = select_device(args.device)

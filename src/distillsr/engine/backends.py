@@ -9,14 +9,16 @@ N x 3 x h*s x w*s result; it has an int attribute ``scale``. Backends are factor
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ["Runner", "BACKENDS", "register_backend", "load_runner", "Bicubic", "BICUBIC", "is_onnx_file"]
+__all__ = ["Runner", "BACKENDS", "register_backend", "load_runner", "Bicubic", "BICUBIC", "is_onnx_file",
+           "weights_digest", "runner_identity"]
 
 BICUBIC = "bicubic"
 
@@ -115,5 +117,39 @@ def load_runner(model: Union[str, torch.nn.Module, None] = None, scale: Optional
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(BACKENDS))}")
     if backend == "torch" and is_onnx_file(weights):
         raise ValueError(f"{weights}: an ONNX file runs with the onnxruntime backend, not torch")
-    return BACKENDS[backend](model=model, scale=scale, weights=weights, device=device,
-                             weights_dir=weights_dir)
+    runner = BACKENDS[backend](model=model, scale=scale, weights=weights, device=device,
+                               weights_dir=weights_dir)
+    if runner is not model:  # name what was loaded (the caller's own module is left as it is)
+        try:
+            runner.distillsr_source = str(weights) if weights is not None else (model or None)
+        except AttributeError:
+            pass
+    return runner
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 (hex) of a network's weights: its state dict in key order, as float32, and its
+    pixel range."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(repr(getattr(model, "pixel_range", "")).encode())
+    return h.hexdigest()
+
+
+def runner_identity(runner: Runner) -> Tuple[str, str]:
+    """``(label, identity)`` of a runner: the label names it for people (the weights' name or
+    file, else the architecture); the identity is the same only for the same computation
+    (``bicubic``, or a sha256 of the weights or of the ONNX file)."""
+    arch = getattr(runner, "arch_name", type(runner).__name__)
+    label = getattr(runner, "distillsr_source", None) or arch
+    if isinstance(runner, Bicubic):
+        return BICUBIC, BICUBIC
+    if isinstance(runner, torch.nn.Module):
+        return str(label), f"{arch}:{weights_digest(runner)}"
+    path = getattr(runner, "path", None)
+    if path is not None and Path(path).is_file():
+        from ..pretrained import sha256_file
+        return str(label), f"{arch}:file:{sha256_file(path)}"
+    return str(label), f"{arch}:{type(runner).__qualname__}"

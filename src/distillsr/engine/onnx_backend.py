@@ -8,7 +8,6 @@ file as ``weights``, or exports the torch model it would otherwise load (once, c
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .backends import BACKENDS, is_onnx_file
+from .backends import BACKENDS, is_onnx_file, weights_digest
 
 __all__ = ["OnnxModel", "onnxruntime_backend", "cached_export"]
 
@@ -129,12 +128,7 @@ def cached_export(model: torch.nn.Module, cache_dir: Union[str, os.PathLike, Non
     written by ``distillsr.io.atomic_write`` (complete or absent, the user's file mode)."""
     from ..io import atomic_write
     from .export import DEFAULT_OPSET, export_onnx
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(repr(getattr(model, "pixel_range", "")).encode())
-    name = f"{getattr(model, 'arch_name', 'model')}_x{model.scale}_{h.hexdigest()[:16]}_op{DEFAULT_OPSET}.onnx"
+    name = f"{getattr(model, 'arch_name', 'model')}_x{model.scale}_{weights_digest(model)[:16]}_op{DEFAULT_OPSET}.onnx"
     path = Path(cache_dir) if cache_dir else _cache_dir()
     target = path / name
     if not target.is_file():
