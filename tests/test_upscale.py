@@ -19,7 +19,7 @@ from distillsr import register_model, save_model
 from distillsr.cli.main import main
 from distillsr.engine import upscale as eng
 from distillsr.engine import upscaler as upscaler_mod
-from distillsr.engine.batch import MANIFEST
+from distillsr.engine.records import MANIFEST
 from distillsr.engine.upscale import DEFAULT_OVERLAP, Upscaler, choose_tile, collect_inputs, upscale_files
 from distillsr.models.base import SRNet
 from distillsr.registry import list_models

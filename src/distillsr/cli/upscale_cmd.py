@@ -82,7 +82,7 @@ def _default_weights(scale: int) -> str:
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError
-    from ..engine.batch import check_output_dir, check_suffix
+    from ..engine.inputs import check_output_dir, check_suffix
     from ..engine.upscale import Upscaler, load_runner, select_device, upscale_files
     from ..pretrained import PretrainedError
     if not 1 <= args.quality <= 100:
