@@ -464,6 +464,9 @@ def test_onnxruntime_export_is_announced_cached_and_onnx_weights_need_no_backend
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o3" / "x.png")), first)
     np.testing.assert_array_equal(distillsr.upscale(img, 2, cached[0], device="cpu"), first)
     np.testing.assert_array_equal(distillsr.upscale(img, 2, str(cached[0]), device="cpu"), first)
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "o4"), "--weights",
+                 str(tmp_path / "none.onnx")]) == 2
+    assert f"error: {tmp_path / 'none.onnx'}: no such ONNX file" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- Python API
@@ -692,6 +695,23 @@ def test_memory_estimate_measures_live_tensors():
     assert est.per_pixel == pytest.approx(144, rel=0.1)
     # Local x2 peaks while shuffling: conv2's 12 maps of h x w and their shuffled copy, 2 * 12 * 4 bytes
     assert eng.estimate_memory(Local(2).eval(), "cpu").per_pixel == pytest.approx(96, rel=0.1)
+
+
+def test_free_memory_from_meminfo_and_the_cgroup_limit(tmp_path):
+    from distillsr.engine.device import cgroup_memory_available, host_memory_available
+    (tmp_path / "meminfo").write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
+    assert host_memory_available(tmp_path / "meminfo") == 8000000 * 1024
+    assert host_memory_available(tmp_path / "missing") is None
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    assert cgroup_memory_available(cg) is None  # no cgroup files
+    (cg / "memory.max").write_text("max\n")
+    (cg / "memory.current").write_text("1000\n")
+    assert cgroup_memory_available(cg) is None  # no limit
+    (cg / "memory.max").write_text("5000\n")
+    assert cgroup_memory_available(cg) == 4000
+    (cg / "memory.current").write_text("9000\n")
+    assert cgroup_memory_available(cg) == 0
 
 
 def test_auto_tile_uses_whole_image_when_it_fits_and_tiles_otherwise():

@@ -106,7 +106,7 @@ def run(args) -> int:
         runner = load_runner(model, scale, weights=args.weights, device=device, backend=args.backend)
         upscaler = Upscaler(runner, device, tile=args.tile, tile_overlap=args.tile_overlap,
                             blend=args.blend, self_ensemble=args.self_ensemble)
-    except (CheckpointError, PretrainedError, ValueError, RuntimeError) as e:
+    except (CheckpointError, PretrainedError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = upscale_files(args.inputs, args.output, upscaler, format=args.format, suffix=args.suffix,
