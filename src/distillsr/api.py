@@ -43,6 +43,7 @@ def upscale(image, scale: int = 4, model: ModelArg = None, *, device: Union[str,
         or float in [0, 1] (float results are clipped to [0, 1]),
       * a torch tensor C x H x W or N x C x H x W, float in [0, 1] or uint8, returned on its
         device with its dtype.
+    Float input outside [0, 1] (a 0..255 float image, say) is refused with a ValueError.
     ``model``: None (the best weights present for the scale, as ``distillsr upscale`` chooses
     them), a pretrained or release name (``distillsr models``; a release is pulled on first
     use), a checkpoint file, or a network (any ``SRNet``, e.g. from ``distillsr.load_model``). ``tile``: ``"auto"`` (whole image
@@ -70,9 +71,25 @@ def upscale(image, scale: int = 4, model: ModelArg = None, *, device: Union[str,
     raise TypeError(f"image must be a PIL image, a numpy array or a torch tensor, not {type(image).__name__}")
 
 
+def _check_unit_range(lo: float, hi: float, has_nan: bool) -> None:
+    """Refuse float pixels outside [0, 1]: a 0..255 float image would come back white."""
+    if has_nan:
+        raise ValueError("the float image holds NaN values; float images must hold values in [0, 1]")
+    if lo < 0 or hi > 1:
+        if hi > 1.5:
+            hint = "divide a 0..255 image by 255 (or pass it as uint8)"
+        elif lo < -0.5:
+            hint = "map a [-1, 1] image to [0, 1] with (x + 1) / 2"
+        else:
+            hint = "clip it to [0, 1] first"
+        raise ValueError(f"float image values must lie in [0, 1], but they run from {lo:g} to {hi:g}; {hint}")
+
+
 def _upscale_numpy(up: Upscaler, arr: np.ndarray) -> np.ndarray:
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)):
         raise ValueError(f"expected an H x W or H x W x C array with C in 1..4, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size:
+        _check_unit_range(float(np.min(arr)), float(np.max(arr)), bool(np.isnan(arr).any()))
     out_dtype = arr.dtype if arr.dtype in (np.uint8, np.uint16) else np.float32
     x = arr[:, :, None] if arr.ndim == 2 else arr
     y = up.upscale_array(imgio.to_float(x), out_dtype)
@@ -86,6 +103,8 @@ def _upscale_tensor(up: Upscaler, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a C x H x W or N x C x H x W tensor with C in 1..4, got {tuple(t.shape)}")
     if not (t.is_floating_point() or t.dtype == torch.uint8):
         raise TypeError(f"tensor dtype must be floating point (in [0, 1]) or uint8, not {t.dtype}")
+    if t.is_floating_point() and t.numel():
+        _check_unit_range(float(t.min()), float(t.max()), bool(t.isnan().any()))
     batch = t if t.dim() == 4 else t.unsqueeze(0)
     outs = []
     for img in batch:

@@ -30,10 +30,13 @@ def register(sub) -> None:
                    help="upscaling factor (default 4; with --weights, the checkpoint's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default=None, metavar="NAME",
-                   help="weights by name (`distillsr models`; a release is pulled on first use); "
-                   "default: the best weights on this machine for the scale, by their Set5 PSNR")
-    g.add_argument("--weights", default=None, metavar="PATH", help="a checkpoint file instead")
-    p.add_argument("--backend", default="torch", choices=sorted(BACKENDS), help="inference backend")
+                   help="weights by name (`distillsr models`; a release is pulled on first use), or "
+                   "bicubic (MATLAB's bicubic resize, no network); default: the best weights on this "
+                   "machine for the scale, by their Set5 PSNR")
+    g.add_argument("--weights", default=None, metavar="PATH",
+                   help="a checkpoint file instead, or an ONNX export (.onnx, run by onnxruntime)")
+    p.add_argument("--backend", default=None, choices=sorted(BACKENDS),
+                   help="inference backend (default: onnxruntime for a .onnx file, else torch)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--tile", type=_tile, default="auto", metavar="auto|N",
                    help="tile size in LR pixels; auto picks it from free memory and uses the whole "
@@ -46,9 +49,12 @@ def register(sub) -> None:
                    help="average the 8 flips/rotations (8x slower, slightly better)")
     p.add_argument("--format", choices=("png", "jpg", "webp", "tiff"), default=None,
                    help="output format (default: the input's, PNG for other inputs)")
-    p.add_argument("--suffix", default="", help="added to output names, e.g. _x4")
+    p.add_argument("--suffix", default="", help="added to output names, e.g. _x4 (no / or ..)")
     p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG / WebP quality 1-100 (default 95)")
-    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo outputs that already exist (by default those made from the same input "
+                   "with the same scale and model are skipped, others made again; files not made by "
+                   "upscale are kept)")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders (and ** in globs)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
@@ -76,10 +82,17 @@ def _default_weights(scale: int) -> str:
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError
+    from ..engine.inputs import check_output_dir, check_suffix
     from ..engine.upscale import Upscaler, load_runner, select_device, upscale_files
     from ..pretrained import PretrainedError
     if not 1 <= args.quality <= 100:
         print(f"error: --quality must be in 1..100, got {args.quality}", file=sys.stderr)
+        return 2
+    try:  # options that would fail every image are refused before the model loads
+        check_suffix(args.suffix)
+        check_output_dir(args.output)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         device = select_device(args.device)
@@ -93,7 +106,7 @@ def run(args) -> int:
         runner = load_runner(model, scale, weights=args.weights, device=device, backend=args.backend)
         upscaler = Upscaler(runner, device, tile=args.tile, tile_overlap=args.tile_overlap,
                             blend=args.blend, self_ensemble=args.self_ensemble)
-    except (CheckpointError, PretrainedError, ValueError, RuntimeError) as e:
+    except (CheckpointError, PretrainedError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = upscale_files(args.inputs, args.output, upscaler, format=args.format, suffix=args.suffix,

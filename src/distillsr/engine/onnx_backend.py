@@ -8,13 +8,16 @@ file as ``weights``, or exports the torch model it would otherwise load (once, c
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .backends import BACKENDS, is_onnx_file, weights_digest
 
 __all__ = ["OnnxModel", "onnxruntime_backend", "cached_export"]
 
@@ -83,7 +86,7 @@ class OnnxModel:
         """Peak memory of a forward pass, linear in the LR pixels (for ``tile="auto"``):
         the growth of the process's peak RSS over two probe runs (measured once)."""
         from .profile import peak_memory
-        from .upscale import MemoryEstimate
+        from .memory import MemoryEstimate
         if getattr(self, "_estimate", None) is None:
             peaks = []
             for side in (48, 96):
@@ -113,30 +116,38 @@ def _cache_dir() -> Path:
     return Path(base) / "onnx"
 
 
-def cached_export(model: torch.nn.Module, cache_dir: Union[str, os.PathLike, None] = None) -> Path:
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cached_export(model: torch.nn.Module, cache_dir: Union[str, os.PathLike, None] = None,
+                  log: Optional[Callable[[str], None]] = _say) -> Path:
     """The ONNX file of ``model``, exported on first use and then reused (keyed by the
-    architecture, scale and a hash of the weights)."""
+    architecture, scale and a hash of the weights). An export (which can take a minute) is
+    announced through ``log`` (stderr by default), with where the file is cached; the file is
+    written by ``distillsr.io.atomic_write`` (complete or absent, the user's file mode)."""
+    from ..io import atomic_write
     from .export import DEFAULT_OPSET, export_onnx
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(repr(getattr(model, "pixel_range", "")).encode())
-    name = f"{getattr(model, 'arch_name', 'model')}_x{model.scale}_{h.hexdigest()[:16]}_op{DEFAULT_OPSET}.onnx"
+    name = f"{getattr(model, 'arch_name', 'model')}_x{model.scale}_{weights_digest(model)[:16]}_op{DEFAULT_OPSET}.onnx"
     path = Path(cache_dir) if cache_dir else _cache_dir()
     target = path / name
     if not target.is_file():
-        export_onnx(model, target)
+        if log:
+            log(f"exporting {getattr(model, 'arch_name', 'the model')} x{model.scale} to ONNX for onnxruntime "
+                f"(once; it can take a minute or more), cached as {target}")
+        start = time.perf_counter()
+        atomic_write(target, lambda tmp: export_onnx(model, tmp))
+        if log:
+            log(f"exported in {time.perf_counter() - start:.0f} s")
     return target
 
 
 def onnxruntime_backend(model=None, scale: Optional[int] = None, weights=None,
                         device: Union[str, torch.device] = "cpu", weights_dir=None) -> OnnxModel:
     """Runner factory for ``distillsr.engine.upscale`` (``backend="onnxruntime"``)."""
-    if weights is not None and str(weights).lower().endswith(".onnx"):
+    if is_onnx_file(weights):
         runner = OnnxModel(weights, device)
     else:
-        from .upscale import BACKENDS
         net = BACKENDS["torch"](model=model, scale=scale, weights=weights, device="cpu",
                                 weights_dir=weights_dir)
         runner = OnnxModel(cached_export(net), device)
@@ -147,7 +158,7 @@ def onnxruntime_backend(model=None, scale: Optional[int] = None, weights=None,
 
 def _register() -> None:
     try:
-        from .upscale import register_backend
+        from .backends import register_backend
     except ImportError:  # pragma: no cover - upscale engine not part of this build
         return
     register_backend("onnxruntime")(onnxruntime_backend)
