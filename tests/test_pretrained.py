@@ -107,3 +107,15 @@ def test_import_distillsr_is_enough_for_load_pretrained():
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["asid", "2"]
+
+
+def test_a_mistyped_checkpoint_path_in_the_api_is_named_as_a_file(tmp_path):
+    import numpy as np
+    import distillsr
+    from distillsr import CheckpointError
+    img = np.zeros((8, 8, 3), np.uint8)
+    for wrong in (str(tmp_path / "my_model.safetensors"), "runs/x/model.safetensors", "asid_x4.pth"):
+        with pytest.raises(CheckpointError, match="no such checkpoint file"):
+            distillsr.upscale(img, scale=4, model=wrong)
+    with pytest.raises(PretrainedError, match="no pretrained weights 'asdi' x4"):
+        distillsr.upscale(img, scale=4, model="asdi")

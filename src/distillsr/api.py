@@ -17,11 +17,22 @@ ModelArg = Union[str, os.PathLike, torch.nn.Module, None]
 _CACHE: Dict[Tuple[str, int, str], torch.nn.Module] = {}
 
 
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".onnx")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A string meant as a checkpoint file rather than a weights name (names have no / nor suffix)."""
+    return "/" in text or os.sep in text or text.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
 def _runner(model: ModelArg, scale: int, device: torch.device):
     if isinstance(model, torch.nn.Module):
         return load_runner(model, scale, device=device)
     if isinstance(model, os.PathLike) or (isinstance(model, str) and Path(model).is_file()):
         return load_runner(scale=scale, weights=model, device=device)
+    if isinstance(model, str) and _looks_like_a_path(model):
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"{model}: no such checkpoint file")
     if model is None:  # the best weights present for this scale (never the network)
         from .pretrained import choose_default
         model = choose_default(scale).name

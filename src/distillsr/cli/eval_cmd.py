@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..engine.evaluate import (EvalError, evaluate, format_table, load_eval_model, release_protocol_for,
                                    write_json)
-    from ..engine.upscale import select_device
+    from ..engine.device import select_device
 
     def err(msg: str) -> None:
         print(f"distillsr eval: error: {msg}", file=sys.stderr)
@@ -89,9 +89,8 @@ def run(args) -> int:
         return 2
     try:
         device = str(select_device(args.device or "auto"))
-    except (ValueError, RuntimeError) as e:
-        err(str(e) if isinstance(e, ValueError) else
-            f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    except ValueError as e:
+        err(str(e))
         return 2
     skipped = []
     try:

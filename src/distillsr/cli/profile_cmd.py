@@ -49,15 +49,14 @@ def _named_model(name: str, scale: int):
 def run(args) -> int:
     import torch
     from ..checkpoint import CheckpointError, load_model
+    from ..engine.device import select_device
     from ..engine.profile import parse_size, profile_model
 
     try:
         size = parse_size(args.size)
         if args.repeats < 1 or args.warmup < 0:
             raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {args.device!r}: CUDA is not available in this torch build/machine")
+        device = select_device(args.device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {args.device!r}")
         if args.threads is not None:

@@ -24,7 +24,10 @@ def select_device(device: Union[str, torch.device, None] = "auto") -> torch.devi
     """``auto`` -> CUDA when available, else CPU; anything else as given (checked)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {str(device)!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
     return dev

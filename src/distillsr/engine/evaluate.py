@@ -49,7 +49,9 @@ class EvalModel:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """CUDA when available, else the CPU (:func:`distillsr.engine.device.select_device`)."""
+    from .device import select_device
+    return str(select_device("auto"))
 
 
 def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = None, *,
