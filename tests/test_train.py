@@ -377,9 +377,6 @@ def test_validation_scores_equal_distillsr_eval_on_set5():
     bench = shared_path("data", "benchmark")
     pairs = load_benchmark(bench / "Set5", 2)
     halfway = HalfwayNet(2)
-    x = torch.rand(1, 3, 5, 5)
-    up = torch.round(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")[0] * 255)
-    assert np.array_equal(to_uint8(halfway(x)[0]), (up + 1).clamp(max=255).to(torch.uint8).numpy())  # half up
     torch.manual_seed(0)
     for model in (create_model(TINY, 2), halfway):
         p, s, rows = evaluate_pairs(model, pairs, 2, torch.device("cpu"), "matlab")
@@ -387,3 +384,28 @@ def test_validation_scores_equal_distillsr_eval_on_set5():
                        log=lambda m: None)["results"][0]
         assert (p, s) == (ref["psnr"], ref["ssim"])  # to the last digit
         assert rows == [(im["name"], im["psnr"], im["ssim"]) for im in ref["images"]]
+    # and that one rounding is the protocol's: halfway values go up
+    x = torch.rand(1, 3, 5, 5)
+    up = torch.round(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")[0] * 255)
+    assert np.array_equal(to_uint8(halfway(x)[0]), (up + 1).clamp(max=255).to(torch.uint8).numpy())
+
+
+def test_one_quantiser_serves_eval_validation_and_written_images():
+    from distillsr.engine import validate
+    from distillsr.io import from_float
+    from distillsr.metrics import quantise, to_uint8
+    assert not hasattr(validate, "to_uint8") or validate.to_uint8 is to_uint8
+    k = torch.arange(256, dtype=torch.float32)
+    ties = (k + 0.5) / 255  # exactly halfway between two levels in float32
+    want8 = np.minimum(np.arange(256) + 1, 255).astype(np.uint8)
+    for a in (ties, ties.numpy()):  # torch or numpy, the same bytes
+        assert np.array_equal(to_uint8(a), want8) and np.array_equal(from_float(a, np.uint8), want8)
+    ties16 = (torch.arange(0, 65535, 97, dtype=torch.float64) + 0.5) / 65535
+    want16 = (np.arange(0, 65535, 97) + 1).astype(np.uint16)
+    for a in (ties16, ties16.numpy()):  # 16-bit output keeps working, with the same rule
+        out = from_float(a, np.uint16)
+        assert out.dtype == np.uint16 and np.array_equal(out, want16)
+        assert np.array_equal(quantise(a, np.uint16), want16)
+    assert np.array_equal(to_uint8(np.array([-0.5, 0.0, 1.0, 2.0])), [0, 0, 255, 255])
+    t = ties.clone()
+    assert np.array_equal(from_float(t, np.uint8, inplace=True), want8)  # may overwrite its input

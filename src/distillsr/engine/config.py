@@ -10,6 +10,12 @@ packaged config (``asid_x2`` -> ``distillsr/configs/asid_x2.yaml``); overrides
 are ``key.sub=value`` strings whose values are read as YAML.
 A file may start from another with ``base: other_config`` (a packaged name or a
 path relative to the file); its keys are merged over the base's.
+
+The model section is checked against the registry: ``model.arch`` must be a
+registered architecture, ``model.scale`` one of its scales and every
+``model.options`` key a keyword its builder accepts. Packaged configs name no
+data folder: ``data.root`` (``--data DIR``) must be given to train
+(:func:`check_data_paths`), ``val.dir`` (``--val DIR``) to validate.
 """
 from __future__ import annotations
 

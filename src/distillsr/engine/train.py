@@ -4,7 +4,8 @@
 Outputs in ``<out_dir>/<name>/``:
 
 * ``config.yaml``  the resolved configuration;
-* ``log.csv``      iteration, epoch, learning rate, mean loss, it/s, validation scores;
+* ``log.csv``      iteration, epoch, learning rate, mean loss, it/s, elapsed seconds (of the whole
+                   run: a resumed run goes on from the time its checkpoint recorded), validation scores;
 * ``tb/``          TensorBoard events (when tensorboard is installed);
 * ``checkpoints/`` periodic checkpoints (see :mod:`distillsr.engine.state`);
 * ``best.safetensors``   the weights with the best validation PSNR so far;
@@ -12,8 +13,11 @@ Outputs in ``<out_dir>/<name>/``:
 
 Resuming (``resume="auto"`` or a path) continues exactly: on CPU an interrupted
 and resumed run ends with bitwise the same weights as an uninterrupted one.
-SIGINT / SIGTERM stop the run at the end of the current iteration and write a
-checkpoint (a second SIGINT stops at once).
+A checkpoint of another network (another architecture or scale, or options its
+weights do not fit) is refused, saying what differs. SIGINT / SIGTERM stop the run at the end of the current
+iteration and write a checkpoint (a second SIGINT stops at once). Every file is
+written through :func:`distillsr.io.atomic_write` (or ``save_model``): complete
+or absent, with the user's umask.
 """
 from __future__ import annotations
 
