@@ -158,6 +158,13 @@ def test_training_data_comes_from_the_command_line(tmp_path, capsys):
     rc = main(["train", "--config", "asid_x2_photos", "--data", "/my/photos", "--val", "/my/Set5", "--print-config"])
     text = capsys.readouterr().out
     assert rc == 0 and "root: /my/photos" in text and "dir: /my/Set5" in text
+    for args, message in ((["--data", str(tmp_path / "nope")], "data.root {}: no such folder (set it with --data DIR"),
+                          (["--data", str(tmp_path), "--val", str(tmp_path / "nope")],
+                           "val.dir {}: no such folder (set it with --val DIR")):
+        rc = main(["train", "--config", "asid_x2_photos", f"out_dir={out}", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and message.format(tmp_path / "nope") in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
     from distillsr.engine import train
     from distillsr.engine.config import check_data_paths
     cfg = load_config("asid_x2")

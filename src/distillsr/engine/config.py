@@ -316,12 +316,19 @@ def _check_model(m: ModelConfig) -> None:
 
 def check_data_paths(cfg: Config) -> None:
     """The checks that need a run's data: the training images must be named (``data.root``;
-    ``--data DIR`` on the command line). Packaged configs name no data folder."""
+    ``--data DIR`` on the command line; packaged configs name no data folder), and every data
+    folder named must exist."""
     if not cfg.data.root.strip():
         what = {"div2k": "the folder holding DIV2K_<split>_HR", "hr_folder": "the folder of HR images",
                 "paired": "the folder of HR images"}[cfg.data.kind]
         raise ConfigError(f"data.root is not set: give the training data ({what}) with --data DIR "
                           f"(or the override data.root=DIR)")
+    folders = [("data.root", cfg.data.root, "--data DIR or "), ("val.dir", cfg.val.dir, "--val DIR or ")]
+    if cfg.data.kind == "paired":
+        folders.insert(1, ("data.lr_root", cfg.data.lr_root, ""))
+    for key, value, flag in folders:
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"{key} {value}: no such folder (set it with {flag}{key}=DIR)")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
