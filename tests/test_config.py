@@ -106,3 +106,68 @@ def test_cli_bad_key_exits_nonzero_with_the_key(capsys):
     assert rc == 2 and "data.batchsize" in err and "data.batch_size" in err
     rc = main(["train", "--config", "asid_x2", "train.iters=5", "--print-config"])
     assert rc == 0 and "iters: 5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("model.options.blokcs=2", r"model.options.blokcs: asid has no option 'blokcs'; "
+                               r"did you mean 'model.options.blocks'\?"),
+    ("model.scale=5", r"model.scale: asid supports x2, x3, x4, not x5"),
+    ("model.arch=asdi", r"model.arch: unknown architecture 'asdi'; did you mean 'asid'\?"),
+])
+def test_model_section_is_checked_when_loading(override, pattern, capsys):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("asid_x2", [override])
+    from distillsr.cli.main import main
+    rc = main(["train", "--config", "asid_x2", override, "--print-config"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: model.") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_model_options_follow_the_builder():
+    # a builder that passes **options on to its class: the class's keywords are the options
+    assert load_config(None, ["model.arch=asid-d8", "model.options.channels=32"]).model.options == {"channels": 32}
+    with pytest.raises(ConfigError, match=r"rfdn has no option 'sharing'.*its options: channels, blocks, attention"):
+        load_config(None, ["model.arch=rfdn", "model.options.sharing=none"])
+    with pytest.raises(ConfigError, match=r"fdiwn-m supports x2, x3, x4, not x8"):
+        config_from_dict({"model": {"arch": "fdiwn-m", "scale": 8}})
+
+
+def test_a_value_the_architecture_refuses_is_a_config_error(tmp_path, capsys):
+    from distillsr.cli.main import main
+    rc = main(["train", "--config", "asid_x2_photos", "--data", str(tmp_path), f"out_dir={tmp_path / 'runs'}",
+               "model.options.blocks=40"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.options" in err and "blocks must be between 1 and 16" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", packaged_configs())
+def test_packaged_configs_name_no_data_folder(name):
+    assert "../shared" not in resolve_config_path(name).read_text()
+    cfg = load_config(name)
+    assert cfg.data.root == "" and cfg.val.dir == ""
+
+
+def test_training_data_comes_from_the_command_line(tmp_path, capsys):
+    from distillsr.cli.main import main
+    out = str(tmp_path / "runs")
+    rc = main(["train", "--config", "asid_x2_photos", f"out_dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.root is not set" in err and "--data DIR" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+    rc = main(["train", "--config", "asid_x2_photos", "--data", "/my/photos", "--val", "/my/Set5", "--print-config"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "root: /my/photos" in text and "dir: /my/Set5" in text
+    for args, message in ((["--data", str(tmp_path / "nope")], "data.root {}: no such folder (set it with --data DIR"),
+                          (["--data", str(tmp_path), "--val", str(tmp_path / "nope")],
+                           "val.dir {}: no such folder (set it with --val DIR")):
+        rc = main(["train", "--config", "asid_x2_photos", f"out_dir={out}", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and message.format(tmp_path / "nope") in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+    from distillsr.engine import train
+    from distillsr.engine.config import check_data_paths
+    cfg = load_config("asid_x2")
+    for fn in (check_data_paths, train):  # the Python API refuses it too
+        with pytest.raises(ConfigError, match="data.root is not set"):
+            fn(cfg)

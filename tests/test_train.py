@@ -1,6 +1,7 @@
 """Training engine: learning, exact resume, interrupted checkpoint writes, init from another checkpoint."""
 import csv
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from train_helpers import TINY, make_paired, tiny_config
 
 from distillsr.checkpoint import load_model, read_state_dict
 from distillsr.data.train_data import PairStore, PatchDataset, find_pairs
-from distillsr.engine import TrainError, load_config, train
+from distillsr.engine import ConfigError, TrainError, load_config, train
 from distillsr.engine import state as st
 from distillsr.engine.train import init_from_checkpoint, lr_at
 from distillsr.registry import create_model
@@ -69,8 +70,18 @@ def test_resume_is_bitwise_exact_mid_epoch_with_workers(tmp_path, data):
     b1 = train(_cfg(tmp_path, data, **over), callbacks=[stop_at_7], **QUIET)
     assert not b1.completed and b1.iteration == 7
     assert [i for i, _ in st.list_checkpoints(b1.run_dir / "checkpoints")] == [4, 7]
-    b2 = train(_cfg(tmp_path, data, **over), resume="auto", **QUIET)
+    ran, steps = [], []
+
+    def record(trainer, done):  # the iterations the resumed call runs, and Adam's step count
+        ran.append(done)
+        steps.append({int(s["step"]) for s in trainer.optimizer.state.values()})
+
+    msgs = []
+    b2 = train(_cfg(tmp_path, data, **over), resume="auto", callbacks=[record], log=msgs.append)
     assert b2.completed and b2.iteration == 10
+    # it did resume: it ran only iterations 8..10, with the optimizer state of iteration 7
+    assert b2.start_iter == 7 and ran == [8, 9, 10] and steps == [{8}, {9}, {10}]
+    assert any(m.startswith("resuming from iteration 7 ") for m in msgs), msgs
     assert _same(_weights(a.final_weights), _weights(b2.final_weights))  # EMA weights
     ca, cb = a.run_dir / "checkpoints", b2.run_dir / "checkpoints"
     assert _same(_weights(ca / "iter_00000010.safetensors"), _weights(cb / "iter_00000010.safetensors"))
@@ -84,20 +95,22 @@ def test_resume_is_bitwise_exact_mid_epoch_with_workers(tmp_path, data):
 
 
 KILLER = textwrap.dedent("""
-    import os, signal, sys, tempfile
+    import os, signal, sys
     sys.path.insert(0, {tests!r})
     import train_helpers  # registers the tiny network
     from distillsr.engine import load_config, train
     import distillsr.engine.state as st
 
-    real = st.atomic_torch_save
-    def dying_save(obj, path):
-        if obj.get("iteration") == 8:  # half-written state file, then the power goes out
-            fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-            os.write(fd, b"\\x80\\x02partial")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(obj, path)
-    st.atomic_torch_save = dying_save
+    real = st.atomic_write
+    def dying_write(path, write_fn):
+        if path.name == "iter_00000008.state.pt":  # half-written state file, then the power goes out
+            def partial(tmp):
+                with open(tmp, "wb") as f:
+                    f.write(b"\\x80\\x02partial")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, partial)
+        return real(path, write_fn)
+    st.atomic_write = dying_write
     train(load_config(None, {overrides!r}))
 """)
 
@@ -112,12 +125,12 @@ def test_killed_during_checkpoint_write_resumes_from_last_good(tmp_path, data):
     assert p.returncode == -9, p.stderr[-2000:]
     ck = tmp_path / "runs" / "k" / "checkpoints"
     assert (ck / "iter_00000008.safetensors").exists() and not (ck / "iter_00000008.state.pt").exists()
-    assert any(x.name.endswith(".tmp") for x in ck.iterdir())
+    assert any(x.name.startswith(".iter_00000008.state.pt.") for x in ck.iterdir())  # the writer's temp file
     msgs = []
     r = train(_cfg(tmp_path, data, **over), resume="auto", log=msgs.append)
     assert any("resuming from iteration 4" in m for m in msgs), msgs
     assert any("temp file" in m for m in msgs)
-    assert not any(x.name.endswith(".tmp") for x in ck.iterdir())
+    assert not any(x.name.startswith(".") for x in ck.iterdir())
     assert r.completed and _same(_weights(ref.final_weights), _weights(r.final_weights))
 
 
@@ -270,3 +283,129 @@ def test_diverging_run_stops_before_writing_a_bad_checkpoint(tmp_path, data):
     for _, p in st.list_checkpoints(ck):  # every checkpoint written holds finite weights
         assert all(torch.isfinite(v).all() for v in _weights(st.read_state(p)["paths"]["model"]).values())
     assert "resume from it" in str(e.value)
+
+
+def test_resume_with_another_network_says_what_differs(tmp_path, data, capsys):
+    train(_cfg(tmp_path, data, **{"train.iters": 4, "model.options.channels": 6}), **QUIET)
+    ck = tmp_path / "runs" / "run" / "checkpoints" / "iter_00000004.state.pt"
+    with pytest.raises(ConfigError, match=r"another network: checkpoint has channels=6, config has channels=4$"):
+        train(_cfg(tmp_path, data, **{"train.iters": 8, "model.options.channels": 4}), resume="auto", **QUIET)
+    with pytest.raises(ConfigError, match=r"checkpoint has channels=6, config has no channels \(the default\)"):
+        train(_cfg(tmp_path, data, **{"train.iters": 8}), resume=str(ck), **QUIET)
+    with pytest.raises(ConfigError, match=r"checkpoint has scale=2, config has scale=3"):
+        train(_cfg(tmp_path, data, **{"train.iters": 8, "model.scale": 3, "model.options.channels": 6}),
+              resume="auto", **QUIET)
+    # the command line: one line naming the difference, exit status 2, the checkpoint untouched
+    from distillsr.cli.main import main
+    before = ck.read_bytes()
+    (tmp_path / "tiny.yaml").write_text("{}\n")
+    rc = main(["train", "--config", str(tmp_path / "tiny.yaml"), "--resume", str(ck),
+               *tiny_config(tmp_path, data, **{"train.iters": 8, "model.options.channels": 4})])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "checkpoint has channels=6, config has channels=4" in err
+    assert ck.read_bytes() == before and [i for i, _ in st.list_checkpoints(ck.parent)] == [4]
+
+
+def test_resume_continues_the_elapsed_time_and_the_closing_line_counts_every_iteration(tmp_path, data):
+    over = {"train.iters": 8, "train.ckpt_every": 2, "train.log_every": 2}
+
+    def stop_at_5(trainer, done):
+        if done == 5:
+            trainer.request_stop()
+
+    train(_cfg(tmp_path, data, **over), callbacks=[stop_at_5], **QUIET)
+    ck = tmp_path / "runs" / "run" / "checkpoints"
+    log = tmp_path / "runs" / "run" / "log.csv"
+    state = torch.load(ck / "iter_00000005.state.pt", weights_only=True)
+    rows = list(csv.DictReader(open(log)))
+    assert state["elapsed_s"] >= float(rows[-1]["elapsed_s"])  # the checkpoint records the time so far
+    state["elapsed_s"] = 5000.0  # as if the first part had trained for 5000 s
+    st.atomic_torch_save(state, ck / "iter_00000005.state.pt")
+    msgs = []
+    r = train(_cfg(tmp_path, data, **over), resume="auto", log=msgs.append)
+    rows = list(csv.DictReader(open(log)))
+    assert [int(x["iter"]) for x in rows] == [2, 4, 6, 8]
+    assert all(float(x["elapsed_s"]) < 5000 for x in rows[:2]) and all(float(x["elapsed_s"]) >= 5000 for x in rows[2:])
+    assert r.start_iter == 5 and r.elapsed_s >= 5000
+    done = [m for m in msgs if m.startswith("done:")]
+    m = re.match(r"done: 8 iterations in (\d+):(\d\d):(\d\d) \(resumed at iteration 5: 3 iterations, ", done[0])
+    assert m and int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3]) >= 5000, done
+    # a checkpoint without the time (older state files): the CSV log's last row still has it
+    state = torch.load(ck / "iter_00000008.state.pt", weights_only=True)
+    del state["elapsed_s"]
+    st.atomic_torch_save(state, ck / "iter_00000008.state.pt")
+    r = train(_cfg(tmp_path, data, **{**over, "train.iters": 10}), resume="auto", **QUIET)
+    rows = list(csv.DictReader(open(log)))
+    assert [int(x["iter"]) for x in rows] == [2, 4, 6, 8, 10] and float(rows[-1]["elapsed_s"]) >= 5000
+    assert r.elapsed_s >= 5000
+
+
+def test_every_file_a_run_writes_gets_the_umask(tmp_path, data):
+    old = os.umask(0o027)
+    try:
+        over = {"train.iters": 4, "train.ckpt_every": 2, "val.dir": str(data / "HR"), "val.every": 2}
+        r = train(_cfg(tmp_path, data, **over), **QUIET)
+        r = train(_cfg(tmp_path, data, **{**over, "train.iters": 6}), resume="auto", **QUIET)  # log rewritten
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(r.run_dir)): oct(p.stat().st_mode & 0o777) for p in r.run_dir.rglob("*")
+             if p.is_file()}
+    assert {"config.yaml", "log.csv", "best.safetensors", "model.safetensors", "checkpoints/iter_00000006.state.pt",
+            "checkpoints/iter_00000006.safetensors", "checkpoints/iter_00000006_ema.safetensors"} <= set(modes)
+    assert modes == {name: oct(0o640) for name in modes}
+
+
+class HalfwayNet(torch.nn.Module):
+    """Nearest-neighbour upscaling whose every output value lies exactly halfway between two
+    8-bit levels, (k + 0.5) / 255: how it is rounded decides every pixel."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        up = torch.nn.functional.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return (torch.round(up * 255) + 0.5) / 255
+
+
+def test_validation_scores_equal_distillsr_eval_on_set5():
+    from conftest import shared_path
+    from distillsr.data.train_data import load_benchmark
+    from distillsr.engine.evaluate import evaluate
+    from distillsr.engine.validate import evaluate_pairs
+    from distillsr.metrics import to_uint8
+    bench = shared_path("data", "benchmark")
+    pairs = load_benchmark(bench / "Set5", 2)
+    halfway = HalfwayNet(2)
+    torch.manual_seed(0)
+    for model in (create_model(TINY, 2), halfway):
+        p, s, rows = evaluate_pairs(model, pairs, 2, torch.device("cpu"), "matlab")
+        ref = evaluate(model, 2, bench, ["Set5"], ssim_variant="matlab", device="cpu", progress=False,
+                       log=lambda m: None)["results"][0]
+        assert (p, s) == (ref["psnr"], ref["ssim"])  # to the last digit
+        assert rows == [(im["name"], im["psnr"], im["ssim"]) for im in ref["images"]]
+    # and that one rounding is the protocol's: halfway values go up
+    x = torch.rand(1, 3, 5, 5)
+    up = torch.round(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")[0] * 255)
+    assert np.array_equal(to_uint8(halfway(x)[0]), (up + 1).clamp(max=255).to(torch.uint8).numpy())
+
+
+def test_one_quantiser_serves_eval_validation_and_written_images():
+    from distillsr.engine import validate
+    from distillsr.io import from_float
+    from distillsr.metrics import quantise, to_uint8
+    assert not hasattr(validate, "to_uint8") or validate.to_uint8 is to_uint8
+    k = torch.arange(256, dtype=torch.float32)
+    ties = (k + 0.5) / 255  # exactly halfway between two levels in float32
+    want8 = np.minimum(np.arange(256) + 1, 255).astype(np.uint8)
+    for a in (ties, ties.numpy()):  # torch or numpy, the same bytes
+        assert np.array_equal(to_uint8(a), want8) and np.array_equal(from_float(a, np.uint8), want8)
+    ties16 = (torch.arange(0, 65535, 97, dtype=torch.float64) + 0.5) / 65535
+    want16 = (np.arange(0, 65535, 97) + 1).astype(np.uint16)
+    for a in (ties16, ties16.numpy()):  # 16-bit output keeps working, with the same rule
+        out = from_float(a, np.uint16)
+        assert out.dtype == np.uint16 and np.array_equal(out, want16)
+        assert np.array_equal(quantise(a, np.uint16), want16)
+    assert np.array_equal(to_uint8(np.array([-0.5, 0.0, 1.0, 2.0])), [0, 0, 255, 255])
+    t = ties.clone()
+    assert np.array_equal(from_float(t, np.uint8, inplace=True), want8)  # may overwrite its input

@@ -105,24 +105,19 @@ def to_float(arr: np.ndarray) -> np.ndarray:
 
 
 def from_float(arr, dtype, inplace: bool = False) -> np.ndarray:
-    """Float array (numpy or torch) in about [0, 1] -> clipped, rounded ``dtype`` array.
+    """Float array (numpy or torch) in about [0, 1] -> ``dtype`` array: clipped, and for uint8 /
+    uint16 quantised by :func:`distillsr.metrics.quantise` (x peak, round half up).
 
     ``inplace`` lets a torch tensor be overwritten on the way (saves two copies of it).
     """
     dtype = np.dtype(dtype)
-    if hasattr(arr, "detach"):  # a torch tensor: clip and round on its device
+    if not np.issubdtype(dtype, np.floating):
+        from .metrics import quantise
+        return quantise(arr, dtype, inplace=inplace)
+    if hasattr(arr, "detach"):  # a torch tensor: clip on its device
         t = arr.detach() if inplace else arr.detach().clone()
-        t = t.clamp_(0, 1)
-        if not np.issubdtype(dtype, np.floating):
-            t = t.mul_({np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]).round_()
-        torch_dtype = {np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "int32"}.get(dtype)
-        if torch_dtype is not None:  # convert on the device: the host copy is small
-            t = t.to(getattr(__import__("torch"), torch_dtype))
-        return t.to("cpu").numpy().astype(dtype, copy=False)
-    if np.issubdtype(dtype, np.floating):
-        return np.clip(np.asarray(arr, dtype=dtype), 0, 1)
-    peak = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}[dtype]
-    return np.rint(np.clip(arr, 0, 1) * peak).astype(dtype)
+        return t.clamp_(0, 1).to("cpu").numpy().astype(dtype, copy=False)
+    return np.clip(np.asarray(arr, dtype=dtype), 0, 1)
 
 
 def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:

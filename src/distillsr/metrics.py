@@ -27,7 +27,7 @@ from typing import Dict, Iterable, Tuple
 import numpy as np
 
 __all__ = ["SSIM_VARIANTS", "GREY_CONVENTIONS", "rgb_to_y", "y_channel", "psnr", "ssim",
-           "psnr_ssim", "mean_scores", "to_uint8"]
+           "psnr_ssim", "mean_scores", "quantise", "to_uint8"]
 
 SSIM_VARIANTS = ("wang", "matlab")
 GREY_CONVENTIONS = ("replicate", "raw")
@@ -54,17 +54,50 @@ def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:
     return img
 
 
-def to_uint8(img) -> np.ndarray:
-    """[0, 1] float image (numpy or torch, H x W x C or C x H x W as given) -> uint8:
-    clip, x255, round half up. Layout is kept; torch tensors become numpy."""
+_PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def quantise(img, dtype=np.uint8, inplace: bool = False) -> np.ndarray:
+    """Float image in [0, 1] -> ``dtype`` (uint8, or uint16 for 16-bit files): clip to [0, 1],
+    multiply by the peak (255 / 65535), round half up (``floor(v + 0.5)``), as the protocol
+    quantises outputs. The one quantiser of the package: evaluation, validation during training
+    and written images all go through it.
+
+    numpy or torch input, layout kept; a torch tensor is quantised on its device and the result
+    is a numpy array. The arithmetic is float64 for float64 input and float32 for any other
+    (float32, half, bfloat16, integers and lists as float64), so the same float32 numbers give
+    the same bytes from torch (CPU or GPU) and numpy. ``inplace``: a float32 / float64 tensor may
+    be overwritten (saves a copy of a large image).
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in _PEAKS:
+        raise TypeError(f"quantise: to uint8 or uint16, not {dtype}")
+    peak = _PEAKS[dtype]
     try:
         import torch
-        if isinstance(img, torch.Tensor):
-            img = img.detach().to("cpu", torch.float64).numpy()
     except ImportError:  # pragma: no cover
-        pass
-    a = np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0) * 255.0
-    return np.floor(a + 0.5).astype(np.uint8)
+        torch = None
+    if torch is not None and isinstance(img, torch.Tensor):
+        t = img.detach()
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()  # a new tensor: free to overwrite
+        elif not inplace:
+            t = t.clone()
+        t = t.clamp_(0, 1).mul_(peak).add_(0.5).floor_()
+        # torch has no general uint16: go through int32 on the device, narrow on the host
+        t = t.to(torch.uint8 if dtype == np.uint8 else torch.int32)
+        return t.to("cpu").numpy().astype(dtype, copy=False)
+    a = np.asarray(img)
+    work = np.dtype(a.dtype if a.dtype in (np.float32, np.float64) else (
+        np.float32 if np.issubdtype(a.dtype, np.floating) else np.float64))
+    a = np.clip(a.astype(work, copy=False), 0, 1)
+    return np.floor(a * work.type(peak) + work.type(0.5)).astype(dtype)
+
+
+def to_uint8(img) -> np.ndarray:
+    """[0, 1] float image (numpy or torch, H x W x C or C x H x W as given) -> uint8:
+    clip, x255, round half up (see :func:`quantise`). Layout is kept; torch tensors become numpy."""
+    return quantise(img, np.uint8)
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:

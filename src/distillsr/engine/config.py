@@ -10,11 +10,18 @@ packaged config (``asid_x2`` -> ``distillsr/configs/asid_x2.yaml``); overrides
 are ``key.sub=value`` strings whose values are read as YAML.
 A file may start from another with ``base: other_config`` (a packaged name or a
 path relative to the file); its keys are merged over the base's.
+
+The model section is checked against the registry: ``model.arch`` must be a
+registered architecture, ``model.scale`` one of its scales and every
+``model.options`` key a keyword its builder accepts. Packaged configs name no
+data folder: ``data.root`` (``--data DIR``) must be given to train
+(:func:`check_data_paths`), ``val.dir`` (``--val DIR``) to validate.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +31,8 @@ import yaml
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "ValConfig", "OptimConfig", "ScheduleConfig",
            "TrainConfig", "ConfigError", "load_config", "config_from_dict", "config_to_dict",
-           "packaged_configs", "resolve_config_path", "CONFIG_DIR"]
+           "packaged_configs", "resolve_config_path", "check_data_paths", "model_options_accepted",
+           "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -251,6 +259,76 @@ def _check_values(cfg: Config) -> None:
         pass  # harmless
     if cfg.init_linear and cfg.init_upsampler:
         raise ConfigError("init_linear and init_upsampler: choose one (the linear init zeroes the body's path)")
+    _check_model(cfg.model)
+
+
+# ----------------------------------------------------------------------------- the model section
+
+def _named_params(fn, skip: int) -> Tuple[List[str], bool]:
+    """Keyword parameter names of ``fn`` after its first ``skip`` ones, and whether it takes ``**kwargs``."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def model_options_accepted(arch: str) -> Optional[List[str]]:
+    """The option names the builder of ``arch`` accepts (``model.options``), or None when they
+    cannot be known. A builder that passes ``**options`` on to the class it is annotated to
+    return accepts that class's keyword arguments too."""
+    from ..registry import model_info
+    builder = model_info(arch).builder
+    try:
+        names, open_ended = _named_params(builder, 1)  # the first parameter is the scale
+        if open_ended:
+            ret = typing.get_type_hints(builder).get("return")
+            if not (isinstance(ret, type) and ret.__init__ is not object.__init__):
+                return None
+            more, open_ended = _named_params(ret.__init__, 2)  # self, scale
+            if open_ended:
+                return None
+            names += [n for n in more if n not in names]
+    except (TypeError, ValueError, NameError):  # no signature to read
+        return None
+    return names
+
+
+def _check_model(m: ModelConfig) -> None:
+    from ..registry import list_models, model_info
+    known = list_models()
+    arch = m.arch.lower()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"model.arch: unknown architecture {m.arch!r}{hint} (known: {', '.join(known)})")
+    scales = list(model_info(arch).scales)
+    if m.scale not in scales:
+        raise ConfigError(f"model.scale: {arch} supports x{', x'.join(map(str, scales))}, not x{m.scale}")
+    accepted = model_options_accepted(arch)
+    if accepted is None:
+        return
+    for key in m.options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)
+            hint = f"; did you mean 'model.options.{close[0]}'?" if close else ""
+            raise ConfigError(f"model.options.{key}: {arch} has no option {key!r}{hint} "
+                              f"(its options: {', '.join(accepted) or 'none'})")
+
+
+def check_data_paths(cfg: Config) -> None:
+    """The checks that need a run's data: the training images must be named (``data.root``;
+    ``--data DIR`` on the command line; packaged configs name no data folder), and every data
+    folder named must exist."""
+    if not cfg.data.root.strip():
+        what = {"div2k": "the folder holding DIV2K_<split>_HR", "hr_folder": "the folder of HR images",
+                "paired": "the folder of HR images"}[cfg.data.kind]
+        raise ConfigError(f"data.root is not set: give the training data ({what}) with --data DIR "
+                          f"(or the override data.root=DIR)")
+    folders = [("data.root", cfg.data.root, "--data DIR or "), ("val.dir", cfg.val.dir, "--val DIR or ")]
+    if cfg.data.kind == "paired":
+        folders.insert(1, ("data.lr_root", cfg.data.lr_root, ""))
+    for key, value, flag in folders:
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"{key} {value}: no such folder (set it with {flag}{key}=DIR)")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 
 from ..data.benchmark import BenchmarkSet, ImageError, find_sets, write_png
 from ..data.imresize import imresize
-from ..metrics import GREY_CONVENTIONS, SSIM_VARIANTS, mean_scores, psnr_ssim
+from ..metrics import GREY_CONVENTIONS, SSIM_VARIANTS, mean_scores, psnr_ssim, to_uint8
 from .infer import make_forward
 
 __all__ = ["EvalError", "EvalModel", "BICUBIC", "load_eval_model", "release_protocol_for", "make_upscaler", "evaluate",
@@ -115,12 +115,6 @@ def release_protocol_for(model: EvalModel) -> dict:
         raise EvalError(str(e)) from None
 
 
-def _quantise(y: torch.Tensor) -> np.ndarray:
-    """N=1 C x H x W float in [0, 1] -> uint8 H x W x C (clip, x255, round half up)."""
-    y = torch.floor(y[0].float().clamp(0, 1) * 255 + 0.5)
-    return y.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
 def make_upscaler(model: EvalModel, scale: int, *, tile: Optional[int] = None, tile_overlap: int = 24,
                   self_ensemble: bool = False, chop: bool = False,
                   device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
@@ -152,7 +146,7 @@ def make_upscaler(model: EvalModel, scale: int, *, tile: Optional[int] = None, t
         if y.ndim != 4 or tuple(y.shape[-2:]) != want:
             raise EvalError(f"the model returned {tuple(y.shape)} for an LR of {lr.shape[1]}x{lr.shape[0]}; "
                             f"expected {want[1]}x{want[0]} at x{scale}")
-        return _quantise(y)
+        return to_uint8(y[0].permute(1, 2, 0))  # the protocol's quantiser (metrics.quantise)
     return upscale
 
 

@@ -5,7 +5,8 @@ One checkpoint at iteration ``i`` in ``<run>/checkpoints/`` is
 * ``iter_<i>_ema.safetensors``  EMA weights, when EMA is on
 * ``iter_<i>.state.pt``         optimizer, grad scaler, RNG states, iteration, best score,
                                 and the sha256 of the weight files above.
-Each file is written to a temp file, flushed to disk and renamed; the state file
+Each file is written to a temp file, flushed to disk and renamed (with the user's umask,
+through ``distillsr.io.atomic_write`` / ``save_model``); the state file
 is written last, so a checkpoint exists only once all its parts do. A run killed
 while writing leaves at most a temp file (removed on the next start) or weight
 files without a state file (ignored); ``find_resumable`` picks the newest
@@ -17,7 +18,6 @@ import hashlib
 import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_model
+from ..io import atomic_write
 
 __all__ = ["CheckpointFiles", "write_checkpoint", "read_state", "find_resumable", "list_checkpoints",
            "prune_checkpoints", "capture_rng", "restore_rng", "sha256_file", "atomic_torch_save",
@@ -34,6 +35,7 @@ __all__ = ["CheckpointFiles", "write_checkpoint", "read_state", "find_resumable"
 STATE_FORMAT = "distillsr-train-state"
 STATE_VERSION = 1
 _STATE_RE = re.compile(r"^iter_(\d+)\.state\.pt$")
+_TEMP_SUFFIXES = (".tmp", ".part")  # save_model's and atomic_write's temp files
 
 
 class StateError(ValueError):
@@ -62,19 +64,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through :func:`distillsr.io.atomic_write` (a temp file beside it,
+    flushed to disk, then renamed; the file gets the user's umask like every file we write)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
+    _fsync_dir(path.parent)
 
 
 def _fsync_file(path: Path) -> None:
@@ -217,7 +218,7 @@ def clean_temp_files(ckpt_dir) -> int:
     n = 0
     if ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if p.name.startswith(".") and p.name.endswith(_TEMP_SUFFIXES):
                 try:
                     p.unlink()
                     n += 1

@@ -4,7 +4,8 @@
 Outputs in ``<out_dir>/<name>/``:
 
 * ``config.yaml``  the resolved configuration;
-* ``log.csv``      iteration, epoch, learning rate, mean loss, it/s, validation scores;
+* ``log.csv``      iteration, epoch, learning rate, mean loss, it/s, elapsed seconds (of the whole
+                   run: a resumed run goes on from the time its checkpoint recorded), validation scores;
 * ``tb/``          TensorBoard events (when tensorboard is installed);
 * ``checkpoints/`` periodic checkpoints (see :mod:`distillsr.engine.state`);
 * ``best.safetensors``   the weights with the best validation PSNR so far;
@@ -12,8 +13,11 @@ Outputs in ``<out_dir>/<name>/``:
 
 Resuming (``resume="auto"`` or a path) continues exactly: on CPU an interrupted
 and resumed run ends with bitwise the same weights as an uninterrupted one.
-SIGINT / SIGTERM stop the run at the end of the current iteration and write a
-checkpoint (a second SIGINT stops at once).
+A checkpoint of another network (another architecture or scale, or options its
+weights do not fit) is refused, saying what differs. SIGINT / SIGTERM stop the run at the end of the current
+iteration and write a checkpoint (a second SIGINT stops at once). Every file is
+written through :func:`distillsr.io.atomic_write` (or ``save_model``): complete
+or absent, with the user's umask.
 """
 from __future__ import annotations
 
@@ -35,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, read_state_dict, recognise, save_model
+from ..io import atomic_write
 from ..registry import create_model
-from .config import Config, config_to_dict, dump_config
+from .config import Config, ConfigError, check_data_paths, config_to_dict, dump_config
 from . import state as st
 
 __all__ = ["train", "Trainer", "TrainResult", "lr_at", "ModelEMA", "init_from_checkpoint", "setup_distributed",
@@ -211,13 +216,21 @@ class _CsvLog:
         if path.exists() and start_iter > 0:  # keep what the resumed run had done, drop the rest
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("iter", "").isdigit() and int(r["iter"]) <= start_iter]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.FIELDS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in self.FIELDS})
-        os.replace(tmp, path)
+        self.last_elapsed = None  # elapsed_s of the last row kept
+        for r in rows:
+            try:
+                self.last_elapsed = float(r.get("elapsed_s") or "")
+            except ValueError:
+                pass
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.FIELDS)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: r.get(k, "") for k in self.FIELDS})
+
+        atomic_write(path, write)
 
     def write(self, **row) -> None:
         with open(self.path, "a", newline="") as f:
@@ -237,6 +250,64 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _model_mismatch(meta: Dict[str, str], cfg_model) -> List[str]:
+    """How the network a checkpoint's weights were saved from differs from the config's model
+    section, as 'checkpoint has X, config has Y' phrases (empty when the metadata does not say)."""
+    import json
+    out = []
+    arch, scale = meta.get("distillsr.arch"), meta.get("distillsr.scale")
+    if arch is not None and arch.lower() != cfg_model.arch.lower():
+        out.append(f"checkpoint has arch={arch}, config has arch={cfg_model.arch}")
+    if scale is not None and int(scale) != cfg_model.scale:
+        out.append(f"checkpoint has scale={scale}, config has scale={cfg_model.scale}")
+    try:
+        opts = json.loads(meta["distillsr.options"]) if "distillsr.options" in meta else None
+    except ValueError:
+        opts = None
+    if isinstance(opts, dict):
+        new = cfg_model.options
+        for k in sorted(set(opts) | set(new)):
+            if k in opts and k in new and opts[k] == new[k]:
+                continue
+            a = f"{k}={opts[k]}" if k in opts else f"no {k} (the default)"
+            b = f"{k}={new[k]}" if k in new else f"no {k} (the default)"
+            out.append(f"checkpoint has {a}, config has {b}")
+    return out
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from one iteration to the next."""
+    done: int                   # iterations completed
+    last_ckpt: int              # iteration of the last checkpoint written
+    elapsed_before: float       # seconds of training before this process took over (resume)
+    t_start: float              # time.time() at the start of this process's loop
+    win_loss: torch.Tensor      # sum of the losses since the last log row (on the device: no sync)
+    bad: torch.Tensor           # a loss was NaN / inf since the last check
+    win_n: int = 0              # iterations in that sum
+    t_win: float = 0.0          # time and iteration of the last log row
+    it_win0: int = 0
+
+    def elapsed(self, now: Optional[float] = None) -> float:
+        """Training seconds of the whole run so far, the time before a resume included."""
+        return self.elapsed_before + (time.time() if now is None else now) - self.t_start
+
+
+@dataclass
+class _Outputs:
+    """Where a run reports: the CSV log, TensorBoard, a progress bar (main process only)."""
+    csv: Optional[_CsvLog] = None
+    tb: Any = None
+    bar: Any = None
+    mode: str = "none"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
 # ----------------------------------------------------------------------------- trainer
 
 @dataclass
@@ -249,6 +320,8 @@ class TrainResult:
     best_iter: Optional[int] = None
     final_weights: Optional[Path] = None
     history: List[Dict[str, float]] = field(default_factory=list)
+    start_iter: int = 0          # the iteration this call started from (> 0 after a resume)
+    elapsed_s: float = 0.0       # training seconds of the whole run, resumed parts included
 
 
 class Trainer:
@@ -257,6 +330,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
                  callbacks: Optional[List[Callable[["Trainer", int], None]]] = None):
         self.cfg = cfg
+        check_data_paths(cfg)
         self.dist = setup_distributed(cfg.train.device)
         self._log = log or print
         self.callbacks = list(callbacks or [])
@@ -298,26 +372,7 @@ class Trainer:
                 if state is None:
                     self._log(f"resume auto: no checkpoint in {self.ckpt_dir}, starting from scratch")
             else:
-                p = Path(resume)
-                if p.is_dir():
-                    d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-                    state = st.find_resumable(d, log=self._log)
-                    if state is None:
-                        raise TrainError(f"--resume {p}: no usable checkpoint there")
-                else:
-                    if not p.is_file():
-                        raise TrainError(f"--resume {p}: no such file or folder")
-                    if p.suffix == ".safetensors":
-                        weights = p
-                        p = p.with_name(p.name.replace("_ema.safetensors", ".safetensors")
-                                        .replace(".safetensors", ".state.pt"))
-                        if not p.is_file():
-                            raise TrainError(f"--resume {weights}: no training state {p.name} next to it "
-                                             f"(only checkpoints/iter_*.safetensors have one)")
-                    try:
-                        state = st.read_state(p)
-                    except st.StateError as e:
-                        raise TrainError(str(e)) from e
+                state = self._read_resume_path(Path(resume))
         if self.dist.enabled:  # every rank resumes from what rank 0 found
             box = [None if state is None else str(state["state_path"])]
             dist.broadcast_object_list(box, src=0)
@@ -325,28 +380,73 @@ class Trainer:
                 state = st.read_state(box[0])
         return state
 
-    # -- construction
+    def _read_resume_path(self, p: Path):
+        if p.is_dir():
+            d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+            state = st.find_resumable(d, log=self._log)
+            if state is None:
+                raise TrainError(f"--resume {p}: no usable checkpoint there")
+            return state
+        if not p.is_file():
+            raise TrainError(f"--resume {p}: no such file or folder")
+        if p.suffix == ".safetensors":
+            weights = p
+            p = p.with_name(p.name.replace("_ema.safetensors", ".safetensors").replace(".safetensors", ".state.pt"))
+            if not p.is_file():
+                raise TrainError(f"--resume {weights}: no training state {p.name} next to it "
+                                 f"(only checkpoints/iter_*.safetensors have one)")
+        try:
+            return st.read_state(p)
+        except st.StateError as e:
+            raise TrainError(str(e)) from e
+
+    # -- construction, step by step
     def _build(self) -> None:
+        self._check_setup()
+        self._seed_everything()
+        self._build_model()
+        self._build_optimizer()
+        self.start_iter, self.elapsed_before = 0, 0.0  # elapsed_before None: unknown, ask the CSV log
+        self.best: Dict[str, Any] = {"psnr": None, "ssim": None, "iter": None}
+        if self.resume_state is not None:
+            self._restore_training_state()
+        store = self._build_data()
+        self._fit_init(store)
+        self._load_validation()
+
+    def _check_setup(self) -> None:
         cfg, dev = self.cfg, self.dist.device
         if cfg.data.batch_size % self.dist.world_size:
             raise TrainError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
                              f"{self.dist.world_size} processes")
         if cfg.train.amp == "fp16" and dev.type != "cuda":
             raise TrainError("train.amp fp16 needs a CUDA device; use bf16 on CPU")
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2 ** 32)
-        import random
-        random.seed(cfg.seed)
 
-        model = create_model(cfg.model.arch, cfg.model.scale, **cfg.model.options)
+    def _seed_everything(self) -> None:
+        import random
+        seed = self.cfg.seed
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+
+    def _create_network(self) -> nn.Module:
+        m = self.cfg.model
+        try:
+            return create_model(m.arch, m.scale, **m.options)
+        except (ValueError, TypeError) as e:  # an option's value the architecture refuses
+            opts = ", ".join(f"{k}={v}" for k, v in m.options.items())
+            raise ConfigError(f"model.options: {m.arch} x{m.scale} cannot be built with {opts or 'no options'}: "
+                              f"{e}") from None
+
+    def _build_model(self) -> None:
+        """The network (from init_from or the resumed checkpoint's weights), its EMA, the DDP /
+        compiled wrapper the loop runs."""
+        cfg, dev = self.cfg, self.dist.device
+        model = self._create_network()
         if cfg.init_from and self.resume_state is None:
             init_from_checkpoint(model, cfg.init_from, cfg.init_strict, log=self.log)
         if self.resume_state is not None:
-            sd, meta = read_state_dict(self.resume_state["paths"]["model"])
-            model.load_state_dict(sd, strict=True)
-            if "distillsr.pixel_range" in meta and hasattr(model, "set_pixel_range"):
-                import json
-                model.set_pixel_range(*json.loads(meta["distillsr.pixel_range"]))
+            self._load_resumed_weights(model)
         mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = model.to(dev, memory_format=mf)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -362,54 +462,93 @@ class Trainer:
             net = torch.compile(net)
         self.net = net
 
+    def _load_resumed_weights(self, model: nn.Module) -> None:
+        """Load the checkpoint's weights; a checkpoint of another network is refused, saying how
+        its network and the config's differ."""
+        path = self.resume_state["paths"]["model"]
+        sd, meta = read_state_dict(path)
+        where = f"--resume {self.resume_state['state_path']}"
+        differences = _model_mismatch(meta, self.cfg.model)
+        arch_or_scale = [d for d in differences if d.startswith(("checkpoint has arch=", "checkpoint has scale="))]
+        if arch_or_scale:
+            raise ConfigError(f"{where}: the checkpoint is of another network: {'; '.join(differences)}")
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError:
+            if differences:
+                raise ConfigError(f"{where}: the checkpoint is of another network: {'; '.join(differences)}") \
+                    from None
+            own = model.state_dict()
+            missing = [k for k in own if k not in sd]
+            unexpected = [k for k in sd if k not in own]
+            shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                     if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+            first = (missing + unexpected + shape + ["?"])[0]
+            raise ConfigError(f"{where}: the checkpoint's weights do not fit the config's network "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} of another "
+                              f"shape; first: {first})") from None
+        if "distillsr.pixel_range" in meta and hasattr(model, "set_pixel_range"):
+            import json
+            model.set_pixel_range(*json.loads(meta["distillsr.pixel_range"]))
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
-        self.start_iter = 0
-        self.best = {"psnr": None, "ssim": None, "iter": None}
-        if self.resume_state is not None:
-            s = self.resume_state
-            self.optimizer.load_state_dict(s["optimizer"])
-            if s.get("scaler"):
-                self.scaler.load_state_dict(s["scaler"])
-            self.start_iter = int(s["iteration"])
-            self.best = dict(s.get("best", self.best))
-            rngs = s["rng"]
-            if len(rngs) != self.dist.world_size:
-                self.log(f"resume: saved with {len(rngs)} processes, now {self.dist.world_size}; "
-                         f"every process takes the RNG state of process 0")
-                st.restore_rng(rngs[0])
-            else:
-                st.restore_rng(rngs[self.dist.rank])
-            old = s.get("config", {})
-            diff = _dict_diff(old, config_to_dict(cfg))
-            if diff:
-                self.log("resume: config differs from the checkpoint's: " + "; ".join(diff))
-            self.log(f"resuming from iteration {self.start_iter} ({self.resume_state['paths']['model']})")
 
+    def _restore_training_state(self) -> None:
+        """Optimizer, grad scaler, iteration, best score, elapsed time and RNG states of the checkpoint."""
+        s = self.resume_state
+        self.optimizer.load_state_dict(s["optimizer"])
+        if s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        self.start_iter = int(s["iteration"])
+        self.elapsed_before = float(s["elapsed_s"]) if "elapsed_s" in s else None  # None: ask the CSV log
+        self.best = dict(s.get("best", self.best))
+        rngs = s["rng"]
+        if len(rngs) != self.dist.world_size:
+            self.log(f"resume: saved with {len(rngs)} processes, now {self.dist.world_size}; "
+                     f"every process takes the RNG state of process 0")
+            st.restore_rng(rngs[0])
+        else:
+            st.restore_rng(rngs[self.dist.rank])
+        diff = _dict_diff(s.get("config", {}), config_to_dict(self.cfg))
+        if diff:
+            self.log("resume: config differs from the checkpoint's: " + "; ".join(diff))
+        self.log(f"resuming from iteration {self.start_iter} ({s['paths']['model']})")
+
+    def _build_data(self):
         from ..data.train_data import PairStore, PatchDataset, find_pairs
-        d = cfg.data
+        cfg, d = self.cfg, self.cfg.data
         specs = find_pairs(d.kind, d.root, cfg.model.scale, d.lr_root, d.split, d.recursive)
         store = PairStore(specs, cfg.model.scale, cache=d.cache).prepare(d.patch_size, d.num_workers, log=self.log)
         if d.cache:
             self.log(f"data: {len(store)} images, {store.nbytes() / 2 ** 20:.0f} MiB in memory")
         self.dataset = PatchDataset(store, d.patch_size, cfg.seed, d.flip, d.rot90, d.repeat)
-        if cfg.init_linear and self.resume_state is None:
-            from .linear_init import linear_init_from_pairs
-            linear_init_from_pairs(self.model, (store.load(i) for i in range(len(store))),
-                                   cfg.model.scale, seed=cfg.seed)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.model.state_dict())
-            self.log("init: linear path fitted by least squares on the training pairs")
-        if cfg.init_upsampler and self.resume_state is None:
-            from .linear_init import fit_upsampler
-            fit_upsampler(self.model, (store.load(i) for i in range(len(store))), cfg.model.scale, seed=cfg.seed)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.model.state_dict())
-            self.log("init: upsampler fitted by least squares on the body's features of the training pairs")
+        return store
 
+    def _fit_init(self, store) -> None:
+        """init_linear / init_upsampler: least-squares fits on the training pairs (new runs only)."""
+        cfg = self.cfg
+        if self.resume_state is not None or not (cfg.init_linear or cfg.init_upsampler):
+            return
+        from .linear_init import fit_upsampler, linear_init_from_pairs
+        pairs = (store.load(i) for i in range(len(store)))
+        if cfg.init_linear:
+            linear_init_from_pairs(self.model, pairs, cfg.model.scale, seed=cfg.seed)
+            what = "linear path fitted by least squares on the training pairs"
+        else:
+            fit_upsampler(self.model, pairs, cfg.model.scale, seed=cfg.seed)
+            what = "upsampler fitted by least squares on the body's features of the training pairs"
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+        self.log(f"init: {what}")
+
+    def _load_validation(self) -> None:
+        cfg = self.cfg
         self.val_pairs = None
         if cfg.val.dir and self.dist.is_main:
             from ..data.train_data import load_benchmark
@@ -417,7 +556,7 @@ class Trainer:
             self.log(f"validation: {len(self.val_pairs)} images from {cfg.val.dir}")
 
     # -- checkpoints
-    def _save_checkpoint(self, done: int) -> None:
+    def _save_checkpoint(self, done: int, elapsed: float) -> None:
         rngs = [st.capture_rng()]
         if self.dist.enabled:
             gathered = [None] * self.dist.world_size
@@ -427,7 +566,7 @@ class Trainer:
             state = {"optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                      "rng": rngs, "best": self.best, "world_size": self.dist.world_size,
-                     "samples_seen": done * self.cfg.data.batch_size,
+                     "samples_seen": done * self.cfg.data.batch_size, "elapsed_s": float(elapsed),
                      "config": config_to_dict(self.cfg)}
             files = st.write_checkpoint(self.ckpt_dir, done, self.model,
                                         self.ema.module if self.ema else None, state)
@@ -480,144 +619,201 @@ class Trainer:
         return old
 
     def fit(self) -> TrainResult:
-        cfg, dev = self.cfg, self.dist.device
-        total = cfg.train.iters
-        result = TrainResult(self.run_dir, self.start_iter, False)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self._barrier()
+        """Train from ``start_iter`` to ``train.iters`` (or until asked to stop); see :func:`train`."""
+        total = self.cfg.train.iters
+        result = TrainResult(self.run_dir, self.start_iter, False, start_iter=self.start_iter)
+        self._write_run_config()
         if self.start_iter >= total:
-            self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= train.iters {total}")
-            result.completed = True
-            result.final_weights = self._write_final(self.start_iter)
-            return result
-
-        from ..data.train_data import build_train_loader
-        loader = build_train_loader(self.dataset, cfg.data.batch_size, self.start_iter, total, self.dist.rank,
-                                    self.dist.world_size, cfg.data.num_workers, pin_memory=dev.type == "cuda")
-        csv_log = _CsvLog(self.run_dir / "log.csv", self.start_iter) if self.dist.is_main else None
-        tb = _tensorboard(self.run_dir / "tb") if (self.dist.is_main and cfg.train.tensorboard) else None
-        mode = cfg.train.progress
-        if mode == "auto":
-            import sys
-            mode = "bar" if sys.stderr.isatty() else "log"
-        bar = None
-        if mode == "bar" and self.dist.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.start_iter, unit="it", dynamic_ncols=True, smoothing=0.05)
-
-        loss_fn = F.l1_loss if cfg.train.loss == "l1" else F.mse_loss
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
-        mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        epoch_len = self.dataset.epoch_length
+            return self._nothing_to_do(result)
+        out = self._open_outputs()
+        prog = self._start_progress(out)
+        loader = self._make_loader()
         self.net.train()
         old_handlers = self._install_signals()
-        win_loss = torch.zeros((), dtype=torch.float64, device=dev)
-        bad = torch.zeros((), dtype=torch.bool, device=dev)
-        win_n = 0
-        t0 = t_win = time.time()
-        it_win0 = self.start_iter
-        done = self.start_iter
-        last_ckpt = self.start_iter
         try:
-            for it, (lr_u8, hr_u8) in zip(range(self.start_iter, total), loader):
-                x = lr_u8.to(dev, non_blocking=True).float().div_(255).contiguous(memory_format=mf)
-                y = hr_u8.to(dev, non_blocking=True).float().div_(255).contiguous(memory_format=mf)
-                lr_now = lr_at(cfg, it)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr_now
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = self.net(x)
-                loss = loss_fn(out.float(), y)
-                bad |= ~torch.isfinite(loss.detach())  # checked when logging / checkpointing (no sync here)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if cfg.optim.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                done = it + 1
-                if self.ema is not None:
-                    self.ema.update(self.model, done)
-                win_loss += loss.detach().double()
-                win_n += 1
-                if bar is not None:
-                    bar.update(1)
-
-                row = None
-                at_ckpt = done % cfg.train.ckpt_every == 0 or done == total or self._stop_requested
-                if (at_ckpt or done % cfg.train.log_every == 0) and bool(bad):
-                    raise TrainError(f"the loss became NaN or infinite between iterations {last_ckpt} and {done}; "
-                                     f"the last checkpoint ({last_ckpt}) in {self.ckpt_dir} is from before it: "
-                                     f"resume from it with a lower optim.lr or with optim.grad_clip")
-                if done % cfg.train.log_every == 0 or done == total:
-                    mean = win_loss.clone()
-                    if self.dist.enabled:
-                        dist.all_reduce(mean)
-                        mean /= self.dist.world_size
-                    mean_loss = float(mean) / max(1, win_n)
-                    now = time.time()
-                    ips = (done - it_win0) / max(now - t_win, 1e-9)
-                    row = {"iter": done, "epoch": f"{done * cfg.data.batch_size / epoch_len:.3f}",
-                           "lr": f"{lr_now:.4g}", "loss": f"{mean_loss:.6f}", "it_per_s": f"{ips:.3f}",
-                           "elapsed_s": f"{now - t0:.1f}"}
-                    result.last_loss = mean_loss
-                    result.history.append({"iter": done, "loss": mean_loss})
-                    win_loss.zero_()
-                    win_n, t_win, it_win0 = 0, now, done
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-                    elif mode == "log":
-                        eta = (total - done) / max(ips, 1e-9)
-                        self.log(f"iter {done}/{total}  loss {mean_loss:.5f}  lr {lr_now:.3g}  {ips:.2f} it/s  "
-                                 f"ETA {_fmt_time(eta)}")
-                    if tb is not None:
-                        tb.add_scalar("train/loss", mean_loss, done)
-                        tb.add_scalar("train/lr", lr_now, done)
-                        tb.add_scalar("train/it_per_s", ips, done)
-
-                if cfg.val.dir and (done % cfg.val.every == 0 or done == total):
-                    scores = self._validate(done)
-                    if scores is not None:
-                        row = row or {"iter": done}
-                        row.update(val_psnr=f"{scores['psnr']:.4f}", val_ssim=f"{scores['ssim']:.5f}")
-                        if tb is not None:
-                            tb.add_scalar("val/psnr", scores["psnr"], done)
-                            tb.add_scalar("val/ssim", scores["ssim"], done)
-                if row is not None and csv_log is not None:
-                    csv_log.write(**row)
-
+            for it, batch in zip(range(self.start_iter, total), loader):
+                lr_now = self._train_step(it, batch, prog)
+                if out.bar is not None:
+                    out.bar.update(1)
+                self._check_finite(prog)
+                row = self._log_row(prog, lr_now, out, result)
+                row = self._validation_row(prog.done, row, out)
+                if row is not None and out.csv is not None:
+                    out.csv.write(**row)
                 for cb in self.callbacks:
-                    cb(self, done)
-                stop = self._stop_requested
-                if self.dist.enabled:  # everyone stops together
-                    flag = torch.tensor([1.0 if stop else 0.0], device=dev)
-                    dist.all_reduce(flag)
-                    stop = bool(flag.item() > 0)
-                if done % cfg.train.ckpt_every == 0 or done == total or stop:
-                    self._save_checkpoint(done)
-                    last_ckpt = done
+                    cb(self, prog.done)
+                stop = self._all_agree_to_stop()
+                if prog.done % self.cfg.train.ckpt_every == 0 or prog.done == total or stop:
+                    self._save_checkpoint(prog.done, prog.elapsed())
+                    prog.last_ckpt = prog.done
                 if stop:
                     break
         finally:
-            if bar is not None:
-                bar.close()
-            if tb is not None:
-                tb.close()
+            out.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             del loader
+        return self._finish(result, prog)
 
+    def _write_run_config(self) -> None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = dump_config(self.cfg)
+            atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        self._barrier()
+
+    def _nothing_to_do(self, result: TrainResult) -> TrainResult:
+        self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= "
+                 f"train.iters {self.cfg.train.iters}")
+        result.completed = True
+        result.elapsed_s = self.elapsed_before or 0.0
+        result.final_weights = self._write_final(self.start_iter)
+        return result
+
+    def _open_outputs(self) -> _Outputs:
+        cfg = self.cfg
+        out = _Outputs(mode=cfg.train.progress)
+        if out.mode == "auto":
+            import sys
+            out.mode = "bar" if sys.stderr.isatty() else "log"
+        if not self.dist.is_main:
+            return out
+        out.csv = _CsvLog(self.run_dir / "log.csv", self.start_iter)
+        if cfg.train.tensorboard:
+            out.tb = _tensorboard(self.run_dir / "tb")
+        if out.mode == "bar":
+            from tqdm import tqdm
+            out.bar = tqdm(total=cfg.train.iters, initial=self.start_iter, unit="it", dynamic_ncols=True,
+                           smoothing=0.05)
+        return out
+
+    def _start_progress(self, out: _Outputs) -> _Progress:
+        before = self.elapsed_before
+        if before is None:  # a checkpoint without the time: the CSV log's last kept row has it
+            before = (out.csv.last_elapsed if out.csv is not None else None) or 0.0
+        dev = self.dist.device
+        now = time.time()
+        return _Progress(done=self.start_iter, last_ckpt=self.start_iter, elapsed_before=before, t_start=now,
+                         win_loss=torch.zeros((), dtype=torch.float64, device=dev),
+                         bad=torch.zeros((), dtype=torch.bool, device=dev), t_win=now, it_win0=self.start_iter)
+
+    def _make_loader(self):
+        from ..data.train_data import build_train_loader
+        cfg, dev = self.cfg, self.dist.device
+        return build_train_loader(self.dataset, cfg.data.batch_size, self.start_iter, cfg.train.iters,
+                                  self.dist.rank, self.dist.world_size, cfg.data.num_workers,
+                                  pin_memory=dev.type == "cuda")
+
+    def _train_step(self, it: int, batch, prog: _Progress) -> float:
+        """One optimisation step on a (LR, HR) uint8 batch; returns the learning rate used."""
+        cfg, dev = self.cfg, self.dist.device
+        mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+        lr_u8, hr_u8 = batch
+        x = lr_u8.to(dev, non_blocking=True).float().div_(255).contiguous(memory_format=mf)
+        y = hr_u8.to(dev, non_blocking=True).float().div_(255).contiguous(memory_format=mf)
+        lr_now = lr_at(cfg, it)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_now
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = self.net(x)
+        loss_fn = F.l1_loss if cfg.train.loss == "l1" else F.mse_loss
+        loss = loss_fn(out.float(), y)
+        prog.bad |= ~torch.isfinite(loss.detach())  # checked when logging / checkpointing (no sync here)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        prog.done = it + 1
+        if self.ema is not None:
+            self.ema.update(self.model, prog.done)
+        prog.win_loss += loss.detach().double()
+        prog.win_n += 1
+        return lr_now
+
+    def _check_finite(self, prog: _Progress) -> None:
+        """Stop before a log row or a checkpoint if a loss since the last check was NaN / inf."""
+        done, t = prog.done, self.cfg.train
+        at_ckpt = done % t.ckpt_every == 0 or done == t.iters or self._stop_requested
+        if (at_ckpt or done % t.log_every == 0) and bool(prog.bad):
+            raise TrainError(f"the loss became NaN or infinite between iterations {prog.last_ckpt} and {done}; "
+                             f"the last checkpoint ({prog.last_ckpt}) in {self.ckpt_dir} is from before it: "
+                             f"resume from it with a lower optim.lr or with optim.grad_clip")
+
+    def _log_row(self, prog: _Progress, lr_now: float, out: _Outputs, result: TrainResult) -> Optional[dict]:
+        """Every train.log_every iterations (and at the end): the mean loss of the window, as a CSV
+        row, a log line or the progress bar's note, and TensorBoard scalars."""
+        cfg, done, total = self.cfg, prog.done, self.cfg.train.iters
+        if not (done % cfg.train.log_every == 0 or done == total):
+            return None
+        mean = prog.win_loss.clone()
+        if self.dist.enabled:
+            dist.all_reduce(mean)
+            mean /= self.dist.world_size
+        mean_loss = float(mean) / max(1, prog.win_n)
+        now = time.time()
+        ips = (done - prog.it_win0) / max(now - prog.t_win, 1e-9)
+        row = {"iter": done, "epoch": f"{done * cfg.data.batch_size / self.dataset.epoch_length:.3f}",
+               "lr": f"{lr_now:.4g}", "loss": f"{mean_loss:.6f}", "it_per_s": f"{ips:.3f}",
+               "elapsed_s": f"{prog.elapsed(now):.1f}"}
+        result.last_loss = mean_loss
+        result.history.append({"iter": done, "loss": mean_loss})
+        prog.win_loss.zero_()
+        prog.win_n, prog.t_win, prog.it_win0 = 0, now, done
+        if out.bar is not None:
+            out.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+        elif out.mode == "log":
+            eta = (total - done) / max(ips, 1e-9)
+            self.log(f"iter {done}/{total}  loss {mean_loss:.5f}  lr {lr_now:.3g}  {ips:.2f} it/s  "
+                     f"ETA {_fmt_time(eta)}")
+        if out.tb is not None:
+            out.tb.add_scalar("train/loss", mean_loss, done)
+            out.tb.add_scalar("train/lr", lr_now, done)
+            out.tb.add_scalar("train/it_per_s", ips, done)
+        return row
+
+    def _validation_row(self, done: int, row: Optional[dict], out: _Outputs) -> Optional[dict]:
+        """Validate every val.every iterations (and at the end); the scores join the CSV row."""
+        cfg = self.cfg
+        if not (cfg.val.dir and (done % cfg.val.every == 0 or done == cfg.train.iters)):
+            return row
+        scores = self._validate(done)
+        if scores is None:
+            return row
+        row = row or {"iter": done}
+        row.update(val_psnr=f"{scores['psnr']:.4f}", val_ssim=f"{scores['ssim']:.5f}")
+        if out.tb is not None:
+            out.tb.add_scalar("val/psnr", scores["psnr"], done)
+            out.tb.add_scalar("val/ssim", scores["ssim"], done)
+        return row
+
+    def _all_agree_to_stop(self) -> bool:
+        """A stop asked for in any process stops every process at the same iteration."""
+        stop = self._stop_requested
+        if self.dist.enabled:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.dist.device)
+            dist.all_reduce(flag)
+            stop = bool(flag.item() > 0)
+        return stop
+
+    def _finish(self, result: TrainResult, prog: _Progress) -> TrainResult:
+        done, start = prog.done, self.start_iter
         result.iteration = done
+        result.elapsed_s = prog.elapsed()
         result.best_psnr, result.best_iter = self.best["psnr"], self.best["iter"]
-        if done >= total:
+        here = (f" (resumed at iteration {start}: {done - start} iterations, "
+                f"{_fmt_time(time.time() - prog.t_start)} in this run)") if start else ""
+        if done >= self.cfg.train.iters:
             result.completed = True
             result.final_weights = self._write_final(done)
-            self.log(f"done: {done} iterations in {_fmt_time(time.time() - t0)}; weights {result.final_weights}")
+            self.log(f"done: {done} iterations in {_fmt_time(result.elapsed_s)}{here}; "
+                     f"weights {result.final_weights}")
         else:
-            self.log(f"stopped at iteration {done} (checkpoint at {last_ckpt}); continue with --resume auto")
+            self.log(f"stopped at iteration {done} after {_fmt_time(result.elapsed_s)}{here} "
+                     f"(checkpoint at {prog.last_ckpt}); continue with --resume auto")
         return result
 
     def _write_final(self, done: int) -> Path:

@@ -1,4 +1,5 @@
-"""Validation during training: Y-channel PSNR / SSIM on a benchmark set (the papers' protocol)."""
+"""Validation during training: Y-channel PSNR / SSIM on a benchmark set (the papers' protocol),
+computed as ``distillsr eval`` computes them (the same quantiser, scores and means)."""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -6,12 +7,9 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["evaluate_pairs", "to_uint8"]
+from ..metrics import mean_scores, to_uint8
 
-
-def to_uint8(y: torch.Tensor) -> np.ndarray:
-    """NCHW [0, 1] float (N = 1) -> HxWx3 uint8, as the protocol quantises outputs."""
-    return y[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+__all__ = ["evaluate_pairs"]
 
 
 def _scores(sr: np.ndarray, hr: np.ndarray, scale: int, ssim_variant: str) -> Tuple[float, float]:
@@ -36,11 +34,12 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[Tuple[str, np.ndarray
             x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].to(device).float().div_(255)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            sr = to_uint8(model(x).float())
+            sr = to_uint8(model(x)[0].permute(1, 2, 0))  # as distillsr eval: metrics.quantise
             if sr.shape[:2] != hr.shape[:2]:
                 raise RuntimeError(f"validation image {name}: output {sr.shape} does not match HR {hr.shape}")
             p, s = _scores(sr, hr, scale, ssim_variant)
             rows.append((name, p, s))
     finally:
         model.train(was_training)
-    return float(np.mean([r[1] for r in rows])), float(np.mean([r[2] for r in rows])), rows
+    mean = mean_scores((r[1], r[2]) for r in rows)  # the means distillsr eval reports
+    return mean["psnr"], mean["ssim"], rows
