@@ -21,7 +21,7 @@ import torch
 from .io import atomic_write
 from .registry import create_model
 
-__all__ = ["CheckpointError", "load_model", "save_model", "read_state_dict",
+__all__ = ["CheckpointError", "load_model", "save_model", "read_state_dict", "metadata_pixel_range",
            "register_format", "Recognised", "recognise"]
 
 PathLike = Union[str, os.PathLike]
@@ -155,6 +155,12 @@ def recognise(sd: StateDict, path: PathLike = "<state dict>") -> Recognised:
     raise CheckpointError(f"{path}: not a known architecture ({len(sd)} tensors; first keys: {sample})")
 
 
+def metadata_pixel_range(meta: Mapping[str, str]) -> Tuple[float, float]:
+    """The pixel range our safetensors metadata records (``distillsr.pixel_range``; [0, 1] if absent)."""
+    lo, hi = json.loads(meta.get("distillsr.pixel_range", "[0, 1]"))
+    return float(lo), float(hi)
+
+
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
     """Load any supported checkpoint into a ready model (eval mode, [0, 1] in/out)."""
     path = Path(path)
@@ -162,7 +168,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> torc
     if "distillsr.arch" in meta:
         options = json.loads(meta.get("distillsr.options", "{}"))
         rec = Recognised(meta["distillsr.arch"], int(meta["distillsr.scale"]), sd, options,
-                         tuple(json.loads(meta.get("distillsr.pixel_range", "[0, 1]"))), "distillsr")
+                         metadata_pixel_range(meta), "distillsr")
     else:
         rec = recognise(sd, path)
     try:

@@ -73,11 +73,8 @@ def quantise(img, dtype=np.uint8, inplace: bool = False) -> np.ndarray:
     if dtype not in _PEAKS:
         raise TypeError(f"quantise: to uint8 or uint16, not {dtype}")
     peak = _PEAKS[dtype]
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(img, torch.Tensor):
+    import torch
+    if isinstance(img, torch.Tensor):
         t = img.detach()
         if t.dtype not in (torch.float32, torch.float64):
             t = t.float()  # a new tensor: free to overwrite

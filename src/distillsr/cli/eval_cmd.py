@@ -57,6 +57,7 @@ def run(args) -> int:
     from ..engine.evaluate import (EvalError, evaluate, format_table, load_eval_model, release_protocol_for,
                                    write_json)
     from ..engine.device import select_device
+    from ..engine.infer import check_tiles
 
     def err(msg: str) -> None:
         print(f"distillsr eval: error: {msg}", file=sys.stderr)
@@ -84,9 +85,12 @@ def run(args) -> int:
     if args.tile is not None and args.chop:
         err("--tile and --chop are two different inference strategies; choose one")
         return 2
-    if args.tile is not None and not (0 <= args.tile_overlap < args.tile):
-        err(f"--tile-overlap must be >= 0 and smaller than --tile, got {args.tile_overlap} with --tile {args.tile}")
-        return 2
+    if args.tile is not None:
+        try:
+            check_tiles(args.tile, args.tile_overlap)
+        except ValueError as e:
+            err(f"--tile / --tile-overlap: {e}")
+            return 2
     try:
         device = str(select_device(args.device or "auto"))
     except ValueError as e:

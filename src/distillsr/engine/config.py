@@ -255,8 +255,6 @@ def _check_values(cfg: Config) -> None:
                               f"nor a whole iteration number")
     if cfg.data.kind == "paired" and not cfg.data.lr_root:
         raise ConfigError("data.lr_root: needed when data.kind is 'paired'")
-    if cfg.init_from == "" and not cfg.init_strict:
-        pass  # harmless
     if cfg.init_linear and cfg.init_upsampler:
         raise ConfigError("init_linear and init_upsampler: choose one (the linear init zeroes the body's path)")
     _check_model(cfg.model)

@@ -15,16 +15,24 @@ BLENDS = ("mean", "feather")
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
+def check_tiles(tile: int, overlap: int, *, overlaps_per_tile: int = 1) -> None:
+    """The one check of tile settings: ``tile >= 1``, ``overlap >= 0`` and ``tile`` larger than
+    ``overlaps_per_tile`` overlaps (2 where both sides of a tile are blended); ValueError otherwise."""
+    if tile < 1 or overlap < 0:
+        raise ValueError(f"tile must be >= 1 and overlap >= 0, got tile {tile}, overlap {overlap}")
+    if tile <= overlaps_per_tile * overlap:
+        what = "the overlap" if overlaps_per_tile == 1 else f"{overlaps_per_tile} times the overlap"
+        raise ValueError(f"tile {tile} must be larger than {what} {overlap}")
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets along one axis: ``0, stride, 2*stride, ...`` below ``length - tile``,
     then ``length - tile`` (the last tile flush with the border); stride = tile - overlap."""
-    if tile < 1 or overlap < 0:
-        raise ValueError(f"tile must be >= 1 and overlap >= 0, got tile {tile}, overlap {overlap}")
     if length <= tile:
+        check_tiles(tile, 0)
         return [0]
+    check_tiles(tile, overlap)
     stride = tile - overlap
-    if stride < 1:
-        raise ValueError(f"tile {tile} must be larger than the overlap {overlap}")
     return list(range(0, length - tile, stride)) + [length - tile]
 
 
@@ -196,9 +204,7 @@ def make_forward(model: Forward, scale: int, *, tile: Optional[int] = None, over
     if tile is not None and chop:
         raise ValueError("choose tiled or chop inference, not both")
     if tile is not None:
-        if tile < 1 or overlap < 0 or overlap >= tile:
-            raise ValueError(f"tile must be >= 1 and larger than the overlap, got tile {tile}, "
-                             f"overlap {overlap}")
+        check_tiles(tile, overlap)
         if blend not in BLENDS:
             raise ValueError(f"unknown blend {blend!r}; choose one of {', '.join(BLENDS)}")
 

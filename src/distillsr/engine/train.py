@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, read_state_dict, recognise, save_model
+from ..checkpoint import CheckpointError, metadata_pixel_range, read_state_dict, recognise, save_model
 from ..io import atomic_write
 from ..registry import create_model
 from .config import Config, ConfigError, check_data_paths, config_to_dict, dump_config
@@ -124,8 +124,7 @@ def init_from_checkpoint(model: nn.Module, path: Union[str, Path], strict: bool 
         except CheckpointError:
             pass  # plain state dict: match by name
     else:
-        import json
-        pixel_range = tuple(json.loads(meta.get("distillsr.pixel_range", "[0, 1]")))
+        pixel_range = metadata_pixel_range(meta)
     own = model.state_dict()
     report = {"loaded": [], "shape_mismatch": [], "missing": [], "unexpected": []}
     new_sd = {}
@@ -488,8 +487,7 @@ class Trainer:
                               f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} of another "
                               f"shape; first: {first})") from None
         if "distillsr.pixel_range" in meta and hasattr(model, "set_pixel_range"):
-            import json
-            model.set_pixel_range(*json.loads(meta["distillsr.pixel_range"]))
+            model.set_pixel_range(*metadata_pixel_range(meta))
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import io as imgio
 from ..io import ImageWriteError
 from .backends import Runner
-from .infer import BLENDS, iter_tile_rows, self_ensemble, tile_count, tile_layout
+from .infer import BLENDS, check_tiles, iter_tile_rows, self_ensemble, tile_count, tile_layout
 from .tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, choose_tile
 
 __all__ = ["Upscaler"]
@@ -56,10 +56,8 @@ class Upscaler:
             raise ValueError("the model has no integer 'scale' attribute")
         if tile not in ("auto", None) and (not isinstance(tile, int) or tile < 0):
             raise ValueError(f"tile must be 'auto', 0/None (whole image) or a positive int, got {tile!r}")
-        if isinstance(tile, int) and tile and tile <= 2 * tile_overlap:
-            raise ValueError(f"tile {tile} must be larger than twice the overlap {tile_overlap}")
-        if tile_overlap < 0:
-            raise ValueError(f"tile overlap must be >= 0, got {tile_overlap}")
+        check_tiles(tile if isinstance(tile, int) and tile else 2 * tile_overlap + 1, tile_overlap,
+                    overlaps_per_tile=2)
         if blend not in BLENDS:
             raise ValueError(f"blend must be 'mean' or 'feather', got {blend!r}")
         self.runner = runner
