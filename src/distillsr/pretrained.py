@@ -45,7 +45,7 @@ from .io import atomic_write
 
 __all__ = ["PretrainedEntry", "PretrainedError", "list_pretrained", "get_pretrained",
            "load_pretrained", "save_pretrained", "choose_default", "weights_dirs", "sha256_file",
-           "PACKAGE_WEIGHTS_DIR"]
+           "read_card", "PACKAGE_WEIGHTS_DIR"]
 
 PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ENV_VAR = "DISTILLSR_WEIGHTS_DIR"
@@ -186,6 +186,12 @@ def _read_card(path: Path) -> PretrainedEntry:
     return replace(entry, psnr=release.measured_psnr, published=release.published_psnr,
                    ssim={k: float(v["ssim"]) for k, v in release.measured.items() if "ssim" in v},
                    psnr_protocol=release.protocol_text)
+
+
+def read_card(path: PathLike) -> PretrainedEntry:
+    """The entry of one model card file (either form); :class:`PretrainedError` if it is unreadable
+    or malformed."""
+    return _read_card(Path(path))
 
 
 def list_pretrained(weights_dir: DirsArg = None) -> List[PretrainedEntry]:
