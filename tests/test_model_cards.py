@@ -83,6 +83,16 @@ def test_malformed_card_names_the_field(tmp_path, fields, message):
         get_pretrained("mine", 2, weights_dir=tmp_path)
 
 
+def test_release_scores_come_from_the_release_table():
+    """A release's card keeps no scores; PSNR and SSIM are the release table's measured ones."""
+    from distillsr.releases import get_release
+    e = get_pretrained("e-rfdn-release", 4, weights_dir=PACKAGE_WEIGHTS_DIR)
+    measured = get_release("e-rfdn-release", 4).measured
+    assert e.psnr == {k: v["psnr"] for k, v in measured.items()}
+    assert e.ssim == {k: v["ssim"] for k, v in measured.items()} and set(e.ssim) == {"Set5", "Set14", "B100"}
+    assert e.training == {"data": "DIV2K (the authors' training)"} and "scores" not in e.card.read_text()
+
+
 # --- the bundled ASID cards and docs/training.md ---------------------------------------------
 
 ASID = [get_pretrained("asid", s, weights_dir=PACKAGE_WEIGHTS_DIR) for s in (2, 3, 4)]
