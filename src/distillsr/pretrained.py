@@ -6,7 +6,7 @@ card ``<name>_x<scale>.json``::
 
     {"name": "asid", "scale": 4, "arch": "asid", "file": "asid_x4.safetensors",
      "sha256": "<hex digest of the file>", "params": 313104,
-     "training": {"data": "...", "iterations": 5820, "hardware": "...", "wall_time_h": 8.1,
+     "training": {"data": "...", "iterations": 5820, "hardware": "...", "wall_time_h": 8.4,
                   "commands": ["distillsr train ...", ...]},
      "scores": {"Set5": {"psnr": 30.41, "ssim": 0.8627}, "Set14": {...}, "B100": {...}},
      "protocol": "how the scores were measured", "notes": "..."}
@@ -120,7 +120,7 @@ _TRAINING_TYPES = {"data": (str,), "iterations": (int,), "hardware": (str,), "wa
 
 def _card_training(card: dict, path: Path) -> Dict[str, object]:
     """The training record: the ``training`` object, or ``{"data": training_data}`` of an older card."""
-    if "training" not in card:
+    if card.get("training") is None:
         data = card.get("training_data")
         return {"data": str(data)} if data else {}
     training = card["training"]
