@@ -66,6 +66,9 @@ def test_older_flat_card_is_still_read(tmp_path):
     assert e.psnr == {"Set5": 31.0, "B100": 27.5} and e.ssim == {}
     assert e.training_data == "photos" and e.training == {"data": "photos"}
     assert e.psnr_protocol == "Y" and e.notes == "long history" and e.set5 == 31.0
+    _write_card(tmp_path, training=None, scores=None, training_data="photos")  # null: as if absent
+    e = get_pretrained("mine", 2, weights_dir=tmp_path)
+    assert e.training == {"data": "photos"} and e.psnr == {} and e.ssim == {}
 
 
 @pytest.mark.parametrize("fields, message", [
