@@ -6,15 +6,22 @@ card ``<name>_x<scale>.json``::
 
     {"name": "asid", "scale": 4, "arch": "asid", "file": "asid_x4.safetensors",
      "sha256": "<hex digest of the file>", "params": 313104,
-     "training_data": "...", "psnr": {"Set5": 32.0, "Set14": 28.5, "B100": 27.5},
-     "psnr_protocol": "...", "notes": "..."}
+     "training": {"data": "...", "iterations": 5820, "hardware": "...", "wall_time_h": 8.4,
+                  "commands": ["distillsr train ...", ...]},
+     "scores": {"Set5": {"psnr": 30.41, "ssim": 0.8627}, "Set14": {...}, "B100": {...}},
+     "protocol": "how the scores were measured", "notes": "..."}
+
+Only ``name``, ``scale``, ``arch``, ``file`` and ``sha256`` are required; ``training`` may hold
+any other keys too (``start``, ``history``, ...). Cards of the older form, with
+``training_data`` (a string), ``psnr`` (``{set: psnr}``) and ``psnr_protocol``, are read as
+well (:attr:`PretrainedEntry.training` is then ``{"data": training_data}``).
 
 So adding weights needs no code change: drop both files there (:func:`save_pretrained`
-writes them). The folders searched are those in the environment variable
-``DISTILLSR_WEIGHTS_DIR`` (``os.pathsep``-separated, searched first), the package's
-``weights`` folder and the cache's ``weights`` folder (where ``distillsr weights pull``
-puts the authors' releases, :mod:`distillsr.releases`); or only the ``weights_dir``
-argument of the functions below.
+writes them; ``distillsr ship`` evaluates a checkpoint and writes them). The folders searched
+are those in the environment variable ``DISTILLSR_WEIGHTS_DIR`` (``os.pathsep``-separated,
+searched first), the package's ``weights`` folder and the cache's ``weights`` folder (where
+``distillsr weights pull`` puts the authors' releases, :mod:`distillsr.releases`); or only the
+``weights_dir`` argument of the functions below.
 
 For a name of the release table (``asid-release``, ``fdiwn-release``, ...) the scores come
 from that table (measured here where possible, else published), and :func:`load_pretrained`
@@ -38,7 +45,7 @@ from .io import atomic_write
 
 __all__ = ["PretrainedEntry", "PretrainedError", "list_pretrained", "get_pretrained",
            "load_pretrained", "save_pretrained", "choose_default", "weights_dirs", "sha256_file",
-           "PACKAGE_WEIGHTS_DIR"]
+           "read_card", "PACKAGE_WEIGHTS_DIR"]
 
 PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ENV_VAR = "DISTILLSR_WEIGHTS_DIR"
@@ -56,7 +63,11 @@ class PretrainedError(LookupError, ValueError):
 
 @dataclass(frozen=True)
 class PretrainedEntry:
-    """One row of the pretrained-weights table (read from a model card)."""
+    """One row of the pretrained-weights table (read from a model card).
+
+    ``psnr`` and ``ssim`` map a benchmark set to its score; ``training`` is the card's
+    training record (``data``, ``iterations``, ``hardware``, ``wall_time_h``, ``commands``, ...)
+    and ``training_data`` its ``data``."""
     name: str
     scale: int
     arch: str
@@ -70,6 +81,8 @@ class PretrainedEntry:
     card: Optional[Path] = None
     published: Dict[str, float] = field(default_factory=dict)  # PSNR the authors printed
     source: Dict[str, object] = field(default_factory=dict)    # where a release's file came from
+    ssim: Dict[str, float] = field(default_factory=dict)
+    training: Dict[str, object] = field(default_factory=dict)
 
     @property
     def installed(self) -> bool:
@@ -100,28 +113,85 @@ def weights_dirs(weights_dir: DirsArg = None) -> List[Path]:
     return dirs + [PACKAGE_WEIGHTS_DIR, cache_weights_dir()]
 
 
+# the types a card's training record must have, where it has these keys
+_TRAINING_TYPES = {"data": (str,), "iterations": (int,), "hardware": (str,), "wall_time_h": (int, float),
+                   "commands": (list,)}
+
+
+def _card_training(card: dict, path: Path) -> Dict[str, object]:
+    """The training record: the ``training`` object, or ``{"data": training_data}`` of an older card."""
+    if card.get("training") is None:
+        data = card.get("training_data")
+        return {"data": str(data)} if data else {}
+    training = card["training"]
+    if not isinstance(training, dict):
+        raise PretrainedError(f"{path}: 'training' must be an object (data, iterations, hardware, ...)")
+    for key, types in _TRAINING_TYPES.items():
+        value = training.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise PretrainedError(f"{path}: training.{key} must be {' or '.join(t.__name__ for t in types)}, "
+                                  f"not {value!r}")
+    if not all(isinstance(c, str) for c in training.get("commands") or []):
+        raise PretrainedError(f"{path}: training.commands must be a list of strings")
+    return dict(training)
+
+
+def _card_scores(card: dict, path: Path) -> tuple:
+    """``(psnr, ssim)``, each ``{set: score}``: from ``scores`` or an older card's ``psnr``."""
+    if "scores" not in card:
+        try:
+            return {str(k): float(v) for k, v in (card.get("psnr") or {}).items()}, {}
+        except (AttributeError, TypeError, ValueError):
+            raise PretrainedError(f"{path}: 'psnr' must map each set to a number") from None
+    scores = card["scores"] or {}
+    if not isinstance(scores, dict) or not all(isinstance(v, dict) for v in scores.values()):
+        raise PretrainedError(f"{path}: 'scores' must map each set to {{\"psnr\": .., \"ssim\": ..}}")
+    found = ({}, {})
+    for name, metric in zip(("psnr", "ssim"), found):
+        for k, v in scores.items():
+            if v.get(name) is None:
+                continue
+            if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
+                raise PretrainedError(f"{path}: scores.{k}.{name} must be a number, not {v[name]!r}")
+            metric[str(k)] = float(v[name])
+    return found
+
+
 def _read_card(path: Path) -> PretrainedEntry:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise PretrainedError(f"{path}: unreadable model card ({e})") from e
+    if not isinstance(card, dict):
+        raise PretrainedError(f"{path}: a model card is a JSON object")
     missing = [k for k in _CARD_KEYS if k not in card]
     if missing:
         raise PretrainedError(f"{path}: model card lacks {', '.join(missing)}")
+    training = _card_training(card, path)
+    psnr, ssim = _card_scores(card, path)
     entry = PretrainedEntry(
         name=str(card["name"]).lower(), scale=int(card["scale"]), arch=str(card["arch"]),
         file=path.parent / card["file"], sha256=str(card["sha256"]).lower(),
-        params=card.get("params"), training_data=str(card.get("training_data", "")),
-        psnr={str(k): float(v) for k, v in (card.get("psnr") or {}).items()},
-        psnr_protocol=str(card.get("psnr_protocol", "")), notes=str(card.get("notes", "")),
-        card=path, source=dict(card.get("source") or {}))
+        params=card.get("params"), training_data=str(training.get("data", "")), psnr=psnr, ssim=ssim,
+        psnr_protocol=str(card.get("protocol", card.get("psnr_protocol", ""))),
+        notes=str(card.get("notes", "")), card=path, source=dict(card.get("source") or {}),
+        training=training)
     from .releases import find_release
     release = find_release(entry.name, entry.scale)
     if release is None:
         return entry
     # a release's scores are kept once, in the release table
     return replace(entry, psnr=release.measured_psnr, published=release.published_psnr,
+                   ssim={k: float(v["ssim"]) for k, v in release.measured.items() if "ssim" in v},
                    psnr_protocol=release.protocol_text)
+
+
+def read_card(path: PathLike) -> PretrainedEntry:
+    """The entry of one model card file (either form); :class:`PretrainedError` if it is unreadable
+    or malformed."""
+    return _read_card(Path(path))
 
 
 def list_pretrained(weights_dir: DirsArg = None) -> List[PretrainedEntry]:
@@ -228,21 +298,37 @@ def _pull_release(name: str, scale: int, weights_dir: DirsArg, pull: bool) -> Op
 def save_pretrained(model: torch.nn.Module, name: str, weights_dir: PathLike = PACKAGE_WEIGHTS_DIR, *,
                     training_data: str = "", psnr: Optional[Dict[str, float]] = None,
                     psnr_protocol: str = "", notes: str = "",
-                    source: Optional[Dict[str, object]] = None) -> PretrainedEntry:
-    """Write ``<name>_x<scale>.safetensors`` and its model card into ``weights_dir``
-    (``source``: where a release's file came from, kept in the card)."""
+                    source: Optional[Dict[str, object]] = None,
+                    ssim: Optional[Dict[str, float]] = None,
+                    training: Optional[Dict[str, object]] = None) -> PretrainedEntry:
+    """Write ``<name>_x<scale>.safetensors`` and its model card into ``weights_dir``.
+
+    ``training``: the card's training record (``data``, ``iterations``, ``hardware``,
+    ``wall_time_h``, ``commands``, ...); ``training_data`` is its ``data`` (give one or the
+    other, or both the same). ``psnr``/``ssim``: ``{set: score}``, kept as the card's
+    ``scores``, measured as ``psnr_protocol`` says. ``source``: where a release's file came from.
+    """
+    record = dict(training or {})
+    if training_data:
+        if record.get("data") not in (None, training_data):
+            raise ValueError(f"training_data {training_data!r} and training['data'] {record['data']!r} differ")
+        record = {"data": training_data, **record}
+    scores: Dict[str, Dict[str, float]] = {}
+    for metric, values in (("psnr", psnr), ("ssim", ssim)):
+        for k, v in (values or {}).items():
+            scores.setdefault(str(k), {})[metric] = float(v)
     weights_dir = Path(weights_dir)
     stem = f"{name.lower()}_x{model.scale}"
+    card_path = weights_dir / f"{stem}.json"
+    _card_training({"training": record}, card_path)  # refuse what reading the card would refuse
     path = save_model(model, weights_dir / f"{stem}.safetensors", {"distillsr.pretrained": name.lower()})
     card = {"name": name.lower(), "scale": int(model.scale), "arch": model.arch_name,
             "file": path.name, "sha256": sha256_file(path),
             "params": sum(p.numel() for p in model.parameters()),
-            "training_data": training_data, "psnr": dict(psnr or {}),
-            "psnr_protocol": psnr_protocol, "notes": notes}
+            "training": record, "scores": scores, "protocol": psnr_protocol, "notes": notes}
     if source:
         card["source"] = dict(source)
-    card_path = weights_dir / f"{stem}.json"
-    text = json.dumps(card, indent=2) + "\n"
+    text = json.dumps(card, indent=2, ensure_ascii=False) + "\n"
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return _read_card(card_path)
 
