@@ -71,7 +71,7 @@ class OnnxModel:
     def eval(self) -> "OnnxModel":
         return self
 
-    def to(self, *args, **kwargs) -> "OnnxModel":  # the session stays where it was made
+    def to(self, *args, **kwargs) -> "OnnxModel":  # the onnxruntime session stays where it was made
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -326,7 +326,7 @@ def profile_model(model: nn.Module, output_size: Tuple[int, int] = (1280, 720), 
 
     ``compile``: time ``torch.compile(model)`` instead (fixed shape; on CUDA with
     ``mode="reduce-overhead"``, i.e. CUDA graphs); compiling happens in the warm-up run,
-    which is then at least 1. On this project's CPU it brought no gain over the eager
+    which is then at least 1. On a 2-core AMD EPYC VM it brought no gain over the eager
     fast path (see README, speed)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
