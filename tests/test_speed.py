@@ -247,3 +247,47 @@ def test_channel_slices_feed_the_fused_products_correctly(monkeypatch):
     ref = x[..., 12:].contiguous() @ w.t() + b + r
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------- the entry points prepare
+def _small():
+    torch.manual_seed(0)
+    return distillsr.create_model("asid", 2, blocks=1)
+
+
+def test_upscale_backends_prepare_the_network():
+    from distillsr.engine.upscale import load_runner
+    runner = load_runner(_small(), 2)
+    assert kernels.is_prepared(runner) and not runner.training
+    net = _small()
+    image = np.random.default_rng(0).random((12, 20, 3), dtype=np.float32)
+    y = distillsr.upscale(image, 2, model=net, tile=0)
+    assert kernels.is_prepared(net)
+    with torch.inference_mode():
+        ref = _copy(net)(torch.from_numpy(image).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(y - ref.clip(0, 1)).max() < 1e-5
+
+
+def test_eval_and_profile_prepare_the_network():
+    from distillsr.engine.evaluate import EvalModel, make_upscaler
+    from distillsr.engine.profile import profile_model
+    net = _small()
+    make_upscaler(EvalModel("asid", None, net), 2)(np.zeros((16, 16, 3), np.uint8))
+    assert kernels.is_prepared(net)
+    net = _small()
+    profile_model(net, (32, 32), repeats=1, warmup=0)
+    assert kernels.is_prepared(net)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_validation_runs_prepared_and_leaves_the_network_as_it_was(training):
+    from distillsr.engine.validate import evaluate_pairs
+    net = _small().train(training)
+    seen = []
+    net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(type(m).__name__))
+    rng = np.random.default_rng(0)
+    pairs = [("a", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+              rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))]
+    evaluate_pairs(net, pairs, 2, torch.device("cpu"))
+    assert seen == ["FusedIDB"]
+    assert not kernels.is_prepared(net) and net.training == training

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["FusedForm", "register_form", "prepare_for_inference", "restore_paper_modules",
-           "is_prepared", "paper_modules", "prepared"]
+           "is_prepared", "paper_modules"]
 
 FORMS: Dict[type, type] = {}          # paper class -> fused form
 _FORM_MODULES = ("distillsr.kernels.asid",)
@@ -147,19 +147,3 @@ def paper_modules(model: nn.Module) -> Iterator[nn.Module]:
         _load_forms()
         for m in fused:
             m.__class__ = FORMS[type(m)]
-
-
-@contextlib.contextmanager
-def prepared(model: nn.Module) -> Iterator[nn.Module]:
-    """``with prepared(model):`` the model is prepared for inference; afterwards it is
-    as it was (validation during training prepares the network it is given this way)."""
-    if is_prepared(model):
-        yield model
-        return
-    was_training = model.training
-    prepare_for_inference(model)
-    try:
-        yield model
-    finally:
-        restore_paper_modules(model)
-        model.train(was_training)
