@@ -171,6 +171,19 @@ def test_prepared_model_follows_weight_changes(change):
     torch.testing.assert_close(after, expected, atol=2e-6, rtol=0)
 
 
+def test_merges_of_inference_tensors_are_redone_at_every_call():
+    # weights made in inference mode keep no version counter: nothing is cached for them
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 24)
+    with torch.inference_mode():
+        model = distillsr.create_model("asid", 2, blocks=2).prepare_for_inference()
+        before = model(x)
+        _perturb_merge_sources(model)
+        after, expected = model(x), _copy(model)(x)
+    assert (before - expected).abs().max() > 1e-3
+    torch.testing.assert_close(after, expected, atol=2e-6, rtol=0)
+
+
 def test_preparing_again_redoes_the_merges():
     # edits through .data bypass the version counters: preparing again takes them in
     torch.manual_seed(0)
