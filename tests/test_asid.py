@@ -196,8 +196,9 @@ def test_padding_matches_release_for_inputs_it_accepts():
 
 
 # bf16 autocast. Measured on an AMD EPYC with AVX-512 bf16: max |bf16 - fp32| 0.0036 (paper
-# modules and prepared), mean 6.4e-4 and 6.9e-4; fp32 paths differ by about 1e-7.
-AUTOCAST_MAX, AUTOCAST_MEAN_MIN = 0.007, 2e-4
+# modules and prepared), mean 6.4e-4 and 6.9e-4. fp32 paths differ by about 1e-7; rounding
+# only the output to bf16 gives a mean of 2.4e-4, below the lower bound.
+AUTOCAST_MAX, AUTOCAST_MEAN_MIN = 0.006, 4e-4
 
 
 @pytest.mark.parametrize("prepared", [False, True], ids=["paper", "prepared"])

@@ -218,8 +218,9 @@ def test_prepared_units_return_what_the_paper_units_return():
 # bf16 (weights and input cast). Measured on an AMD EPYC with AVX-512 bf16, where oneDNN
 # runs the prepared products in bf16, and with the kernels off (PyTorch's bf16 ops): max
 # |bf16 - fp32| 0.0041 (prepared) and 0.0048 (paper modules, kernels off), mean 7.0e-4 on
-# every path; fp32 paths differ from each other by about 1e-7.
-BF16_MAX, BF16_MEAN_MIN = 0.008, 2e-4
+# every path. fp32 paths differ from each other by about 1e-7; rounding only the input and
+# the output to bf16 (products in fp32) gives a mean of 3.2e-4, below the lower bound.
+BF16_MAX, BF16_MEAN_MIN = 0.0075, 4.5e-4
 # matrix products and convs as a dispatch mode sees them (in inference mode undecomposed)
 PRODUCTS = {"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "conv2d", "convolution",
             "_linear_pointwise", "_convolution_pointwise"}
