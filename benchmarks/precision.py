@@ -7,7 +7,8 @@ result against HR, the same for each reduced precision, and the PSNR of the redu
 precision result against the fp32 result (how far it moved). Models: the released,
 trained E-RFDN and FDIWN x4 weights in ../shared/weights/official, and the ASID x4
 weights shipped in the package (``distillsr.load_pretrained``). Weights and input are
-cast (``model.to(dtype)``); CPU.
+cast (``model.to(dtype)``); CPU; the networks prepared for inference as the CLI runs them
+(``distillsr.kernels.prepare_for_inference``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 import distillsr  # noqa: E402
 from distillsr import io as imgio  # noqa: E402
+from distillsr.kernels import prepare_for_inference  # noqa: E402
 from distillsr.metrics import psnr, to_uint8, y_channel  # noqa: E402
 from distillsr.pretrained import load_pretrained  # noqa: E402
 
@@ -52,6 +54,7 @@ def main(argv=None):
             continue
         else:
             model = distillsr.load_model(weights).eval()
+        prepare_for_inference(model)
         s = model.scale
         for name in args.sets.split(","):
             root = SHARED / "data/benchmark" / name

@@ -105,3 +105,22 @@ def test_cli_upscale_with_the_onnxruntime_backend(exported, tmp_path):
     ref = (ref.clamp(0, 1) * 255).round().permute(1, 2, 0)
     assert got.shape == (42, 57, 3)
     assert (got - ref).abs().max().item() <= 1  # 8-bit rounding of a <= 1e-4 difference
+
+
+def test_a_prepared_model_exports_its_paper_modules_and_stays_prepared(monkeypatch):
+    from distillsr import kernels
+    from distillsr.engine.export import ExportError, export_onnx
+    torch.manual_seed(0)
+    model = distillsr.create_model("asid", 2, blocks=1).prepare_for_inference()
+    traced = []
+
+    def exporter(net, args, **kwargs):  # stands in for torch.onnx.export: runs the network, then fails
+        traced.extend(type(m).__name__ for m in net.modules())
+        net(*args)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(torch.onnx, "export", exporter)
+    with pytest.raises(ExportError, match="stop here"):
+        export_onnx(model, "unused.onnx")
+    assert {"IDB", "LM", "AttentionUnit", "CAM", "ConvNHWC"} <= set(traced)
+    assert not any(name.startswith("Fused") for name in traced)
+    assert kernels.is_prepared(model) and type(model.blocks[0].lm1).__name__ == "FusedLM"

@@ -56,7 +56,8 @@ def _torch_backend(model: Union[str, torch.nn.Module, None] = None, scale: Optio
     if scale is not None and getattr(net, "scale", None) != scale:
         src = weights or getattr(net, "arch_name", type(net).__name__)
         raise ValueError(f"{src}: the model upscales x{getattr(net, 'scale', '?')}, not x{scale}")
-    return net.to(device).eval()
+    from ..kernels import prepare_for_inference
+    return prepare_for_inference(net.to(device))  # eval mode, fused CPU kernels
 
 
 @register_backend("onnxruntime")

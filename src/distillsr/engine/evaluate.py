@@ -127,7 +127,8 @@ def make_upscaler(model: EvalModel, scale: int, *, tile: Optional[int] = None, t
         if tile is not None or self_ensemble or chop:
             raise EvalError("tiling, chop and self-ensemble apply to networks, not to the bicubic baseline")
         return lambda lr: imresize(lr, scale)
-    module = model.module.to(device).eval()
+    from ..kernels import prepare_for_inference
+    module = prepare_for_inference(model.module.to(device))  # eval mode, fused CPU kernels
     param = next(module.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     try:

@@ -20,6 +20,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ..kernels import paper_modules
+
 __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 18
@@ -27,15 +29,6 @@ DEFAULT_OPSET = 18
 
 class ExportError(RuntimeError):
     """The export could not be done (missing packages, a model that does not trace)."""
-
-
-def _plain_kernels():
-    """Switch off ASID's fused CPU kernels (oneDNN post-ops have no ONNX form)."""
-    try:
-        from ..models.asid import fused_kernels
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return fused_kernels(False)
 
 
 def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, opset: int = DEFAULT_OPSET,
@@ -75,7 +68,9 @@ def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, opset:
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), _plain_kernels(), warnings.catch_warnings(), quiet:
+        # the paper modules (a prepared model's fused forms have no ONNX form); a prepared
+        # model is prepared again afterwards
+        with torch.no_grad(), paper_modules(net), warnings.catch_warnings(), quiet:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(net, (x,), dynamo=True, opset_version=opset,
                                         input_names=["input"], output_names=["output"],

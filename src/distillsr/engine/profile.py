@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..kernels import prepare_for_inference
+
 __all__ = ["Cost", "count_cost", "input_size_for_output", "measure_latency", "measure_sgemm",
            "peak_memory", "tune_cpu_allocator", "ProfileResult", "profile_model", "DTYPES",
            "parse_size"]
@@ -339,7 +341,7 @@ def profile_model(model: nn.Module, output_size: Tuple[int, int] = (1280, 720), 
     if time_it:
         if device.type == "cpu":
             tune_cpu_allocator()
-        net = model.to(device=device, dtype=DTYPES[dtype]).eval()
+        net = prepare_for_inference(model.to(device=device, dtype=DTYPES[dtype]))
         if compile:
             net = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
             warmup = max(warmup, 1)

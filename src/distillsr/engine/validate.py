@@ -24,8 +24,9 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[Tuple[str, np.ndarray
                    channels_last: bool = False) -> Tuple[float, float, List[Tuple[str, float, float]]]:
     """Whole-image inference on every (name, LR, HR) uint8 pair; mean PSNR, mean SSIM (Y channel,
     ``scale`` border pixels cut, via :func:`distillsr.metrics.psnr_ssim`) and per-image scores."""
-    was_training = model.training
-    model.eval()
+    from ..kernels import is_prepared, prepare_for_inference, restore_paper_modules
+    was_training, was_prepared = model.training, is_prepared(model)
+    prepare_for_inference(model)  # eval mode, fused CPU kernels; undone below
     rows = []
     try:
         for name, lr, hr in pairs:
@@ -40,6 +41,8 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[Tuple[str, np.ndarray
             p, s = _scores(sr, hr, scale, ssim_variant)
             rows.append((name, p, s))
     finally:
+        if not was_prepared:
+            restore_paper_modules(model)
         model.train(was_training)
     mean = mean_scores((r[1], r[2]) for r in rows)  # the means distillsr eval reports
     return mean["psnr"], mean["ssim"], rows

@@ -1,4 +1,10 @@
-"""Fused CPU kernels for inference on NHWC float32 maps, compiled on first use.
+"""Fused CPU kernels for inference, and the step that puts them to work.
+
+:func:`prepare_for_inference` (``distillsr.kernels.prepare``) readies a model for fast
+inference: its modules take fused forms (``distillsr.kernels.asid``) that merge what is
+exact algebraically and run the ops of ``distillsr.kernels.ops``: the C kernels below,
+oneDNN primitives with post-ops, or PyTorch. Unprepared models (training, export) run
+their paper modules.
 
 ``nhwc.c`` holds the steps of ASID that PyTorch runs as several passes over a map (or
 slowly, for maps of 12-48 channels): LayerNorm over channels written straight into
@@ -7,10 +13,15 @@ depthwise 3x3 convs with GELU or the GFN's gate (and the channel means SE needs)
 attention output ``A v`` added into the map and normalised, a computing unit's scores, bias
 and softmax in one pass, and 1x1 convs of 12-48 output channels with bias or a residual
 add (where oneDNN reaches a third to a half of the machine's rate). The C file is
-compiled once with the system C compiler (``cc -O3 -march=native -fopenmp``) into
-``$DISTILLSR_CACHE/kernels`` (default ``~/.cache/distillsr/kernels``) and loaded with
-ctypes. Without a compiler, or with ``DISTILLSR_KERNELS=0``, ``available()`` is False
-and the models run their PyTorch path: same results (to rounding), slower.
+compiled once with the system C compiler (``$CC``, else ``cc``, else ``gcc``; flags
+``-O3 -march=native -fopenmp``) into ``$DISTILLSR_CACHE/kernels`` (default
+``~/.cache/distillsr/kernels``) and loaded with ctypes. Without a compiler, or when the
+build fails (logged as a warning; :func:`build_error` says why), ``available()`` is False
+and prepared models use oneDNN and PyTorch: same results (to rounding), slower.
+
+``enabled`` is the one switch for all fused CPU kernels, the C ones and oneDNN's post-ops
+(initially off when the environment has ``DISTILLSR_KERNELS=0``); prepared models then
+run their merged computation op by op.
 """
 from __future__ import annotations
 
@@ -40,7 +51,12 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
-enabled = True  # ``kernels.enabled = False`` turns them off at run time (tests, benchmarks)
+_error: Optional[str] = None
+# the one switch for the fused CPU kernels (C kernels and oneDNN post-ops), read at every call
+enabled = os.environ.get("DISTILLSR_KERNELS", "1") != "0"
+
+from .prepare import (is_prepared, paper_modules, prepare_for_inference,  # noqa: E402
+                      restore_paper_modules)
 
 
 def cache_dir() -> Path:
@@ -48,16 +64,29 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "distillsr") / "kernels"
 
 
+def compiler() -> Optional[str]:
+    """The C compiler the build uses (``$CC``, else ``cc``, else ``gcc``); None if none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_error() -> Optional[str]:
+    """Why the kernels are not built here (after ``built()`` said False), else None."""
+    return _error
+
+
 def _compile() -> Optional[Path]:
+    global _error
     source = _SOURCE_TEXT
     if not source:
-        log.info("%s is missing: fused CPU kernels off", SOURCE)
+        _error = f"{SOURCE} is missing"
+        log.warning("%s: fused C kernels off", _error)
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler found: fused CPU kernels off")
+    cc = compiler()
+    if cc is None:
+        _error = "no C compiler found"
+        log.info("%s: fused C kernels off", _error)
         return None
-    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc] + FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / f"nhwc-{key}.so"
     if target.exists():
         return target
@@ -69,13 +98,13 @@ def _compile() -> Optional[Path]:
     src = Path(tmp).with_suffix(".c")
     try:
         src.write_bytes(source)
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(src), "-lm"], check=True,
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(src), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        log.info("compiling %s failed (%s): fused CPU kernels off", SOURCE.name,
-                 detail.decode(errors="replace")[-500:] or e)
+        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-2000:]
+        _error = f"compiling {SOURCE.name} with {cc} failed: {detail or e}"
+        log.warning("%s; fused C kernels off", _error)
         Path(tmp).unlink(missing_ok=True)
         return None
     finally:
@@ -84,11 +113,13 @@ def _compile() -> Optional[Path]:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _tried
+    global _lib, _tried, _error
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("DISTILLSR_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+    _error = None
+    if not sys.platform.startswith("linux"):
+        _error = "the C kernels are built on Linux only"
         return None
     path = _compile()
     if path is None:
@@ -96,7 +127,8 @@ def _load() -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        log.info("loading %s failed (%s): fused CPU kernels off", path, e)
+        _error = f"loading {path} failed: {e}"
+        log.warning("%s; fused C kernels off", _error)
         return None
     P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     lib.layer_norm.argtypes = [P, L, P, I, I, I, I, P, P, F, I, I]
@@ -115,13 +147,14 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 def built() -> bool:
-    """Whether the kernels are compiled and loaded here (compiling them on the first call)."""
+    """Whether the kernels are compiled and loaded here (compiling them on the first call;
+    whatever ``enabled`` says)."""
     return _load() is not None
 
 
 def available(x: torch.Tensor) -> bool:
-    """True where the kernels apply to ``x``: CPU float32 inference (no autograd, tracing
-    or compiling), and the kernels compiled."""
+    """True where the kernels apply to ``x``: ``enabled``, CPU float32 inference (no
+    autograd, tracing or compiling), and the kernels compiled."""
     return (enabled and type(x) is torch.Tensor and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()

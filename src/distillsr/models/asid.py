@@ -20,17 +20,21 @@ is the serial LM -> SAM -> CAM baseline.
 
 The layer layout follows the authors' release exactly, so their checkpoints load
 through ``distillsr.convert.asid``; this file uses our own names.
+
+The modules here compute exactly what the paper describes, in training, inference and
+export alike. Fast CPU inference is a separate, explicit step:
+``model.prepare_for_inference()`` (see :func:`distillsr.kernels.prepare_for_inference`)
+merges products that are exact algebraically and gives the modules their fused forms
+(``distillsr.kernels.asid``); the results are the same to rounding.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
 from ..registry import register_model
 from .base import SRNet
 
@@ -55,110 +59,27 @@ def _nhwc(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).contiguous()
 
 
-# Fused CPU kernels. In inference on the CPU (no autograd, no tracing or export) a
-# matrix product or conv and what follows it (GELU, sigmoid, a residual add) run as one
-# oneDNN primitive with post-ops, which saves a pass over the map each; and in float32
-# the memory-bound steps run in our C kernels (``distillsr.kernels``): LayerNorm written
-# straight into window order, the residual add from windows fused with the next
-# LayerNorm, depthwise convs with GELU or the GFN gate, written where the next step
-# reads them. Everywhere else (training, CUDA, export) the same ops run one by one.
-_MKLDNN = getattr(torch.ops, "mkldnn", None)
-_HAS_FUSED = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
-              and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_convolution_pointwise"))
-# oneDNN has no bf16 primitives on CPUs without AVX-512 (it fails to create them): there bf16 runs op by op.
-_FUSED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _HAS_FUSED and getattr(
-    _MKLDNN, "_is_mkldnn_bf16_supported", lambda: False)() else ())
-
-
-class fused_kernels:
-    """``with fused_kernels(False):`` runs the plain op-by-op path (used by export), with
-    neither oneDNN post-ops nor the C kernels."""
-
-    enabled = True
-
-    def __init__(self, enabled: bool):
-        self.enabled_inside = enabled
-
-    def __enter__(self):
-        self.before, fused_kernels.enabled = fused_kernels.enabled, self.enabled_inside
-
-    def __exit__(self, *exc):
-        fused_kernels.enabled = self.before
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    return (fused_kernels.enabled and _HAS_FUSED and type(x) is torch.Tensor
-            and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
-
-
-def _shortcuts() -> bool:
-    """Inference merges products that are exact algebraically (the value projection into
-    the output projection, ...); training and ``fused_kernels(False)`` compute them as
-    defined (and FLOP counts count them so)."""
-    return fused_kernels.enabled and not torch.is_grad_enabled()
-
-
-def _ckernels(x: torch.Tensor) -> bool:
-    """The C kernels of ``distillsr.kernels`` (CPU float32 inference) apply to ``x``."""
-    return fused_kernels.enabled and kernels.available(x)
-
-
-def _act(y: torch.Tensor, act: Optional[str]) -> torch.Tensor:
-    if act == "gelu":
-        return F.gelu(y)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    return y
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              act: Optional[str] = None, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``act(x W^T + b)`` or ``x W^T + b + add`` over the channels of an NHWC map
-    (a 1x1 conv or a linear layer; ``weight`` (out, in) or (out, in, 1, 1))."""
+def linear_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b`` over the last dimension (a 1x1 conv of an NHWC map, or a linear layer
+    on tokens); ``weight`` (out, in) or (out, in, 1, 1)."""
     w = weight.flatten(1)
-    n, k = w.shape
-    if act is None and n >= 16 and (add is not None or k >= n) and _ckernels(x):
-        # small products (and those with a residual add) in the C kernel, faster than
-        # oneDNN there; GELU and the widening products stay with oneDNN
-        y = kernels.linear(x, w, bias, add=add)
-        if y is not None:
-            return y
-    if _fusable(x):
-        x2 = x.reshape(-1, x.shape[-1])
-        if add is not None:
-            y = _MKLDNN._linear_pointwise.binary(x2, add.reshape(-1, w.shape[0]), w, bias, "add")
-        else:
-            y = _MKLDNN._linear_pointwise(x2, w, bias, act or "none", [], "none" if act == "gelu" else "")
-        return y.view(*x.shape[:-1], w.shape[0])
-    y = _act(F.linear(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], w.shape[0]), act)
-    return y if add is None else y + add
+    return F.linear(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], w.shape[0])
 
 
-def conv_nhwc(conv: nn.Conv2d, x: torch.Tensor, act: Optional[str] = None,
-              mul: Optional[torch.Tensor] = None, channels: Optional[slice] = None) -> torch.Tensor:
-    """``act(conv(x))`` or ``conv(x) * mul`` on an NHWC map; ``channels`` restricts a
-    depthwise conv to some of its channels (``x`` holds just those)."""
-    w, b = conv.weight, conv.bias
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
-        y = pointwise(x, w, b, act)
-        return y if mul is None else y * mul
-    groups = conv.groups
-    if channels is not None:
-        w, b, groups = w[channels], (None if b is None else b[channels]), x.shape[-1]
-    if _fusable(x):
-        xc = _nchw(x.contiguous())
-        args = (conv.padding, conv.stride, conv.dilation, groups)
-        if mul is not None:
-            y = _MKLDNN._convolution_pointwise.binary(xc, _nchw(mul.contiguous()), w, b, *args,
-                                                      "mul", None, None, [], None)
-        else:
-            y = _MKLDNN._convolution_pointwise(xc, w, b, *args, act or "none", [],
-                                               "none" if act == "gelu" else "")
-        return _nhwc(y)
-    y = _act(_nhwc(F.conv2d(_nchw(x), w, b, conv.stride, conv.padding, conv.dilation, groups)), act)
-    return y if mul is None else y * mul
+class ConvNHWC(nn.Conv2d):
+    """``nn.Conv2d`` on NHWC maps (same parameters, so checkpoints load unchanged); a 1x1
+    conv is a product over the channels (and then also takes tokens (..., C))."""
+
+    @property
+    def pointwise(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1
+                and self.padding == (0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise:
+            return linear_nhwc(x, self.weight, self.bias)
+        return _nhwc(F.conv2d(_nchw(x), self.weight, self.bias, self.stride, self.padding,
+                              self.dilation, self.groups))
 
 
 # ----------------------------------------------------------------------------- basics
@@ -172,8 +93,6 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if _ckernels(x):
-            return kernels.layer_norm(x, self)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
@@ -182,24 +101,13 @@ class GFN(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.project_in = nn.Conv2d(dim, 2 * dim, 1, bias=False)
-        self.dwconv = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=False)
-        self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
+        self.project_in = ConvNHWC(dim, 2 * dim, 1, bias=False)
+        self.dwconv = ConvNHWC(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=False)
+        self.project_out = ConvNHWC(dim, dim, 1, bias=False)
 
-    def forward(self, x, residual: Optional[torch.Tensor] = None):
-        """NHWC; with ``residual`` returns ``residual + GFN(x)``."""
-        d = self.project_out.in_channels
-        if _ckernels(x):  # one product, then both dwconvs, GELU and gate in one pass
-            h, w = pointwise(x, self.project_in.weight), self.dwconv.weight
-            g = kernels.dwconv3x3(h[..., :d], w[:d], act="gelu", gate=(h[..., d:], w[d:]))
-        elif _fusable(x):  # each half through its own dwconv: GELU and the gate fused into it
-            w = self.project_in.weight
-            x1 = conv_nhwc(self.dwconv, pointwise(x, w[:d]), act="gelu", channels=slice(0, d))
-            g = conv_nhwc(self.dwconv, pointwise(x, w[d:]), mul=x1, channels=slice(d, 2 * d))
-        else:
-            x1, x2 = conv_nhwc(self.dwconv, conv_nhwc(self.project_in, x)).chunk(2, dim=-1)
-            g = F.gelu(x1) * x2
-        return pointwise(g, self.project_out.weight, add=residual)
+    def forward(self, x):
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=-1)
+        return self.project_out(F.gelu(x1) * x2)
 
 
 class SE(nn.Module):
@@ -223,23 +131,14 @@ class LM(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv_in = nn.Conv2d(dim, dim, 1)
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.conv_in = ConvNHWC(dim, dim, 1)
+        self.dwconv = ConvNHWC(dim, dim, 3, padding=1, groups=dim)
         self.se = SE(dim)
-        self.conv_out = nn.Conv2d(dim, dim, 1)
+        self.conv_out = ConvNHWC(dim, dim, 1)
 
     def forward(self, x):
-        if _fusable(x) and not x.is_contiguous():
-            x = x.contiguous()  # a channel slice: copied once here, not by both oneDNN products
-        y = conv_nhwc(self.conv_in, x, act="gelu")
-        if _ckernels(y) and y.shape[0] == 1:
-            # the dwconv sums its output for SE; the SE gate (one per channel) is folded
-            # into conv_out's weight instead of multiplying the map (exact algebra)
-            y, mean = kernels.dwconv3x3(y, self.dwconv.weight, self.dwconv.bias, act="gelu", channel_means=True)
-            w_out = self.conv_out.weight.flatten(1) * self.se.gate(mean)
-            return pointwise(y, w_out, self.conv_out.bias, add=x)
-        y = conv_nhwc(self.dwconv, y, act="gelu")
-        return pointwise(self.se(y), self.conv_out.weight, self.conv_out.bias, add=x)
+        y = F.gelu(self.dwconv(F.gelu(self.conv_in(x))))
+        return x + self.conv_out(self.se(y))
 
 
 # ----------------------------------------------------------------- window bookkeeping
@@ -288,33 +187,6 @@ def from_tokens(t: torch.Tensor, kind: str, shape: Sequence[int]) -> torch.Tenso
     return t.view([six[i] for i in perm]).permute(*inverse).reshape(shape)
 
 
-def norm_tokens(x: torch.Tensor, norm: nn.Module, kind: str) -> torch.Tensor:
-    """``norm(to_tokens(x, kind))`` for a LayerNorm over channels (one pass with the kernels)."""
-    if _ckernels(x):
-        return kernels.layer_norm(x, norm, kind)
-    return norm(to_tokens(x, kind))
-
-
-def add_tokens_norm(x: torch.Tensor, t: torch.Tensor, kind: str,
-                    norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``y = add_tokens(x, t, kind)`` and ``norm(y)`` (one pass with the kernels)."""
-    if _ckernels(x):
-        return kernels.add_tokens_norm(x, t, kind, norm)
-    y = add_tokens(x, t, kind)
-    return y, norm(y)
-
-
-def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, kind: str,
-                    norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``add_tokens_norm(x, attn @ v, kind, norm)``; the C kernel adds each window's (or
-    grid group's) ``attn @ v`` into the map as it computes it."""
-    if _ckernels(x):
-        out = kernels.attend_add_norm(attn, v, x, kind, norm)
-        if out is not None:
-            return out
-    return add_tokens_norm(x, torch.bmm(attn, v), kind, norm)
-
-
 def relative_position_index(n: int = WINDOW) -> torch.Tensor:
     """(n*n, n*n) index into a (2n-1)^2 bias table: (yi - yj + n-1) * (2n-1) + (xi - xj + n-1)."""
     ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -346,24 +218,16 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, t: torch.Tensor, shared: Optional[torch.Tensor] = None):
-        """t: (windows, 64, d) normalised tokens -> (attention matrix A, values v); the
-        output is proj(A v). In inference v is already projected (t (W_proj W_v)^T: one
-        product instead of two, exact algebra) and the output is A v."""
-        if not self.computes and shared is None:
+        """t: (groups, 64, d) normalised tokens -> (proj(A v), A), A the attention matrices."""
+        if self.computes:
+            q, k, v = linear_nhwc(t, self.qkv.weight).chunk(3, dim=-1)
+            bias = self.rel_pos_bias[self.rel_pos_index]
+            attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
+        elif shared is None:
             raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-        d = self.proj.in_features
-        w_v = self.qkv.weight[2 * d:] if self.computes else self.v.weight
-        if _shortcuts():
-            w_v = self.proj.weight @ w_v
-        if not self.computes:
-            return shared, pointwise(t, w_v)
-        qkv = pointwise(t, torch.cat([self.qkv.weight[:2 * d], w_v]))
-        bias = self.rel_pos_bias[self.rel_pos_index]
-        if _ckernels(qkv):  # scores, bias and softmax of each window in registers
-            return kernels.attention_scores(qkv, bias, self.scale), qkv[..., 2 * d:]
-        q, k, v = qkv.chunk(3, dim=-1)
-        attn = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=self.scale).softmax(dim=-1)
-        return attn, v
+        else:
+            attn, v = shared, linear_nhwc(t, self.v.weight)
+        return linear_nhwc(torch.bmm(attn, v), self.proj.weight), attn
 
 
 class AttentionUnit(nn.Module):
@@ -379,12 +243,9 @@ class AttentionUnit(nn.Module):
         self.gfn = GFN(dim)
 
     def forward(self, x, shared: Optional[torch.Tensor] = None):
-        attn, v = self.attn(norm_tokens(x, self.norm1, self.kind), shared)
-        if _shortcuts():  # v is projected already
-            x, z = attend_add_norm(attn, v, x, self.kind, self.norm2)
-        else:
-            x, z = add_tokens_norm(x, pointwise(torch.bmm(attn, v), self.attn.proj.weight), self.kind, self.norm2)
-        return self.gfn(z, residual=x), attn
+        out, attn = self.attn(self.norm1(to_tokens(x, self.kind)), shared)
+        x = add_tokens(x, out, self.kind)
+        return x + self.gfn(self.norm2(x)), attn
 
 
 class SAM(nn.Module):
@@ -409,39 +270,26 @@ class ChannelAttention(nn.Module):
     def __init__(self, dim: int, kind: str):
         super().__init__()
         self.kind = kind
+        self.layout = "meso" if kind == "meso" else "grid"  # how pixels are grouped into tokens
         self.temperature = nn.Parameter(torch.ones(1))
-        self.qkv = nn.Conv2d(dim, 3 * dim, 1, bias=False)
-        self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
-        self.project_out = nn.Conv2d(dim, dim, 1, bias=False)
+        self.qkv = ConvNHWC(dim, 3 * dim, 1, bias=False)
+        self.qkv_dwconv = ConvNHWC(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim, bias=False)
+        self.project_out = ConvNHWC(dim, dim, 1, bias=False)
 
-    def qkv_tokens(self, x):
-        """q, k, v (1x1 conv, depthwise 3x3) of an NHWC map, each (groups, pixels, C)."""
-        layout, c = ("meso" if self.kind == "meso" else "grid"), x.shape[-1]
-        if _ckernels(x):  # the dwconvs write tokens directly
-            h, w = pointwise(x, self.qkv.weight), self.qkv_dwconv.weight
-            return [kernels.dwconv3x3(h[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
-                    for i in range(3)]
-        return to_tokens(conv_nhwc(self.qkv_dwconv, conv_nhwc(self.qkv, x)), layout).chunk(3, dim=-1)
+    def matrices(self, q: torch.Tensor, k: torch.Tensor,
+                 norms: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """softmax(temperature * q^T k) of (G, pixels, C) tokens, q and k L2-normalised
+        along pixels (the Gram matrix divided by the norms): (G, C, C). ``norms``: the
+        (G, C) norms of q and k when they are known already."""
+        if norms is None:
+            norms = (torch.linalg.vector_norm(q, dim=1), torch.linalg.vector_norm(k, dim=1))
+        nq, nk = (n.clamp_min(1e-12) for n in norms)
+        return (q.transpose(1, 2) @ k * (self.temperature / (nq[:, :, None] * nk[:, None, :]))).softmax(dim=-1)
 
-    def forward(self, x, residual: torch.Tensor, norm: Optional[nn.Module] = None):
-        """``residual + CA(x)`` (NHWC); with ``norm`` returns ``(that, norm(that))``."""
-        layout = "meso" if self.kind == "meso" else "grid"
-        q, k, v = self.qkv_tokens(x)
-        # q, k L2-normalised along pixels: the Gram matrix divided by the norms
-        l2 = kernels.token_norms if _ckernels(q) else partial(torch.linalg.vector_norm, dim=1)
-        nq, nk = (l2(z).clamp_min(1e-12) for z in (q, k))  # (G, C)
-        attn = (q.transpose(1, 2) @ k * (self.temperature / (nq[:, :, None] * nk[:, None, :])))
-        attn = attn.softmax(dim=-1)  # (G, C, C)
-        w_out = self.project_out.weight.flatten(1)
-        if _shortcuts():
-            # project_out (W_o) folded into the small C x C matrices, (W_o A)^T: fewer
-            # products than W_o on every pixel and one pass less over the map
-            y = v @ (w_out @ attn).transpose(1, 2)
-        else:
-            y = pointwise(v @ attn.transpose(1, 2), w_out)
-        if norm is None:
-            return add_tokens(residual, y, layout)
-        return add_tokens_norm(residual, y, layout, norm)
+    def forward(self, x):
+        q, k, v = to_tokens(self.qkv_dwconv(self.qkv(x)), self.layout).chunk(3, dim=-1)
+        attn = self.matrices(q, k)
+        return from_tokens(self.project_out(v @ attn.transpose(1, 2)), self.layout, x.shape)
 
 
 class CAM(nn.Module):
@@ -455,29 +303,32 @@ class CAM(nn.Module):
         self.norm4, self.gfn2 = LayerNorm2d(dim), GFN(dim)
 
     def forward(self, x):
-        x, z = self.ca_meso(self.norm1(x), x, norm=self.norm2)
-        x = self.gfn1(z, residual=x)
-        x, z = self.ca_glob(self.norm3(x), x, norm=self.norm4)
-        return self.gfn2(z, residual=x)
+        x = x + self.ca_meso(self.norm1(x))
+        x = x + self.gfn1(self.norm2(x))
+        x = x + self.ca_glob(self.norm3(x))
+        return x + self.gfn2(self.norm4(x))
 
 
 class ESA(nn.Module):
-    """Enhanced spatial attention (RFANet), the reduced form used by Omni-SR and ASID."""
+    """Enhanced spatial attention (RFANet), the reduced form used by Omni-SR and ASID.
+    conv2 and conv3 run on the small strided map in NCHW."""
 
     def __init__(self, dim: int, f: int = 16):
         super().__init__()
-        self.conv1 = nn.Conv2d(dim, f, 1)
-        self.conv_f = nn.Conv2d(f, f, 1)
+        self.conv1 = ConvNHWC(dim, f, 1)
+        self.conv_f = ConvNHWC(f, f, 1)
         self.conv2 = nn.Conv2d(f, f, 3, stride=2)
         self.conv3 = nn.Conv2d(f, f, 3, padding=1)
-        self.conv4 = nn.Conv2d(f, dim, 1)
+        self.conv4 = ConvNHWC(f, dim, 1)
+
+    def mask_input(self, x: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+        """conv3(maxpool(conv2(c1))) upsampled to the size of ``x`` (NHWC)."""
+        m = F.max_pool2d(self.conv2(_nchw(c1)), kernel_size=7, stride=3)
+        return _nhwc(F.interpolate(self.conv3(m), size=x.shape[1:3], mode="bilinear", align_corners=False))
 
     def forward(self, x):  # NHWC; needs H, W >= 15 (the network pads to at least 16)
-        c1 = conv_nhwc(self.conv1, x)
-        m = F.max_pool2d(self.conv2(_nchw(c1)), kernel_size=7, stride=3)
-        c3 = F.interpolate(self.conv3(m), size=x.shape[1:3], mode="bilinear", align_corners=False)
-        return x * pointwise(pointwise(c1, self.conv_f.weight, self.conv_f.bias, add=_nhwc(c3)),
-                             self.conv4.weight, self.conv4.bias, act="sigmoid")
+        c1 = self.conv1(x)
+        return x * torch.sigmoid(self.conv4(self.conv_f(c1) + self.mask_input(x, c1)))
 
 
 # ---------------------------------------------------------------- distillation block
@@ -500,14 +351,15 @@ class IDB(nn.Module):
         self.lm1, self.lm2, self.lm3 = (LM(d) for d in widths)
         self.sam1, self.sam2, self.sam3 = (SAM(d, c) for d, c in zip(sam_widths, computes))
         if channel_split:
-            self.pw1 = nn.Conv2d(dim, dim, 1)
-            self.pw2 = nn.Conv2d(3 * q, 3 * q, 1)
-        self.pw3 = nn.Conv2d(dim, dim, 1)
+            self.pw1 = ConvNHWC(dim, dim, 1)
+            self.pw2 = ConvNHWC(3 * q, 3 * q, 1)
+        self.pw3 = ConvNHWC(dim, dim, 1)
         self.cam = CAM(dim)
-        self.conv = nn.Conv2d(dim, dim, 1)
+        self.conv = ConvNHWC(dim, dim, 1)
         self.esa = ESA(dim, max(dim // 4, 16))
 
     def distill(self, x, shared: Matrices) -> Tuple[torch.Tensor, Matrices]:
+        """The three distillation steps and CAM; returns the attention matrices too."""
         q = self.q
         out: Matrices = []
 
@@ -519,30 +371,27 @@ class IDB(nn.Module):
             out.extend(mats)
             return t
 
-        def pw(conv, parts):
-            return conv_nhwc(conv, torch.cat(parts, -1))
-
         if self.split:
             x = self.lm1(x)                                    # step 1: 4q
-            x = pw(self.pw1, [sam(0, self.sam1, x[..., q:]), x[..., :q]])
+            x = self.pw1(torch.cat([sam(0, self.sam1, x[..., q:]), x[..., :q]], -1))
             r1 = x[..., :q]
             x = self.lm2(x[..., q:])                           # step 2: 3q
-            x = pw(self.pw2, [sam(1, self.sam2, x[..., q:]), x[..., :q]])
+            x = self.pw2(torch.cat([sam(1, self.sam2, x[..., q:]), x[..., :q]], -1))
             r2 = x[..., :q]
             x = self.lm3(x[..., q:])                           # step 3: 2q
-            x = pw(self.pw3, [r1, r2, sam(2, self.sam3, x[..., q:]), x[..., :q]])
+            x = self.pw3(torch.cat([r1, r2, sam(2, self.sam3, x[..., q:]), x[..., :q]], -1))
         else:
             x = sam(0, self.sam1, self.lm1(x))                 # 4q
             r1 = x[..., :q]
             x = sam(1, self.sam2, self.lm2(x[..., q:]))        # 3q
             r2 = x[..., :q]
             x = sam(2, self.sam3, self.lm3(x[..., q:]))        # 2q
-            x = pw(self.pw3, [r1, r2, x])
+            x = self.pw3(torch.cat([r1, r2, x], -1))
         return self.cam(x), out
 
     def forward(self, x, shared: Matrices):
         y, mats = self.distill(x, shared)
-        return self.esa(pointwise(y, self.conv.weight, self.conv.bias, add=x)), mats
+        return self.esa(x + self.conv(y)), mats
 
 
 class SerialBlock(nn.Module):
@@ -553,12 +402,12 @@ class SerialBlock(nn.Module):
         self.lm = LM(dim)
         self.sam = SAM(dim, computes=True)
         self.cam = CAM(dim)
-        self.conv = nn.Conv2d(dim, dim, 1)
+        self.conv = ConvNHWC(dim, dim, 1)
         self.esa = ESA(dim, max(dim // 4, 16))
 
     def forward(self, x, shared: Matrices):
         y, mats = self.sam(self.lm(x))
-        return self.esa(pointwise(self.cam(y), self.conv.weight, self.conv.bias, add=x)), list(mats)
+        return self.esa(x + self.conv(self.cam(y))), list(mats)
 
 
 # ----------------------------------------------------------------------------- network
@@ -588,7 +437,7 @@ class ASID(SRNet):
                     computes = (True, True, True)
                 return IDB(channels, computes, channel_split, intra_sharing=sharing == "intra")
             self.blocks = nn.ModuleList(idb(i) for i in range(blocks))
-        self.fuse = nn.Conv2d(channels, channels, 3, padding=1)
+        self.fuse = ConvNHWC(channels, channels, 3, padding=1)
         self.upsampler = nn.Sequential(nn.Conv2d(channels, 3 * scale * scale, 3, padding=1),
                                        nn.PixelShuffle(scale))
 
@@ -614,7 +463,15 @@ class ASID(SRNet):
             if i == 0:
                 first = mats
                 shared = mats
-        return _nchw(conv_nhwc(self.fuse, y) + f0), first
+        return _nchw(self.fuse(y) + f0), first
+
+    def prepare_for_inference(self) -> "ASID":
+        """Ready this network for fast inference (in place; returns it): eval mode, the
+        algebraic merges done once, fused CPU kernels chosen. See
+        :func:`distillsr.kernels.prepare_for_inference` for what changes and for what
+        happens after ``train()`` or a change of the weights."""
+        from ..kernels import prepare_for_inference
+        return prepare_for_inference(self)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

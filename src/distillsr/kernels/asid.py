@@ -1,0 +1,165 @@
+"""Fused inference forms of ASID's modules (``distillsr.models.asid``).
+
+:func:`distillsr.kernels.prepare_for_inference` gives a network these forms. Each runs
+its paper module's computation with the ops of ``distillsr.kernels.ops`` (C kernels,
+oneDNN post-ops, or PyTorch op by op) and with products merged where that is exact
+algebraically, and returns what the paper module returns. Without autograd only; with
+it (or while tracing) each falls back to its paper form.
+
+Merges and fusions, by form:
+
+* ``AttentionUnit``: LayerNorm written straight into window order; the value projection
+  folded into the output projection (``W_o W_v``, done once, so that ``A (t W_v^T)
+  W_o^T = A (t (W_o W_v)^T)``: one product instead of two); a computing unit's scores,
+  bias and softmax in one pass; ``A v`` added into the map and the next LayerNorm taken
+  in the same pass; the GFN's residual add fused into its last product.
+* ``CAM``: q, k, v written as tokens by the depthwise convs; ``project_out`` folded into
+  each group's small C x C attention matrix (``(W_o A)^T``, fewer products than ``W_o``
+  on every pixel); the residual add from tokens fused with the next LayerNorm.
+* ``LM``: GELU fused into the products and the depthwise conv; the dwconv sums its
+  output for SE, and the SE gate (one per channel) is folded into ``conv_out``'s weight.
+* ``ESA``, ``IDB``, ``SerialBlock``: residual adds and the sigmoid fused into products.
+* ``ConvNHWC``: 1x1 convs in the small-product C kernel or oneDNN, others in oneDNN.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..models import asid as paper
+from . import ops
+from .ops import inference
+from .prepare import FusedForm, register_form
+
+
+def gfn(m: paper.GFN, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + m(x)`` (NHWC)."""
+    d = m.project_out.in_channels
+    w = m.project_in.weight
+    if ops.c_kernels(x):  # one product, then both dwconvs, GELU and gate in one pass
+        h, w_dw = ops.linear(x, w), m.dwconv.weight
+        g = kernels.dwconv3x3(h[..., :d], w_dw[:d], act="gelu", gate=(h[..., d:], w_dw[d:]))
+    elif ops.onednn(x):  # each half through its own dwconv: GELU and the gate fused into it
+        x1 = ops.conv(m.dwconv, ops.linear(x, w[:d]), act="gelu", channels=slice(0, d))
+        g = ops.conv(m.dwconv, ops.linear(x, w[d:]), mul=x1, channels=slice(d, 2 * d))
+    else:
+        x1, x2 = ops.conv(m.dwconv, ops.linear(x, w)).chunk(2, dim=-1)
+        g = torch.nn.functional.gelu(x1) * x2
+    return ops.linear(g, m.project_out.weight, add=residual)
+
+
+def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torch.Tensor,
+                      norm: nn.Module):
+    """``y = residual + m(x)`` and ``norm(y)`` (NHWC)."""
+    layout, c = m.layout, x.shape[-1]
+    if ops.c_kernels(x):  # the dwconvs write tokens directly
+        h, w = ops.linear(x, m.qkv.weight), m.qkv_dwconv.weight
+        q, k, v = (kernels.dwconv3x3(h[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
+                   for i in range(3))
+    else:
+        q, k, v = paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), layout).chunk(3, dim=-1)
+    norms = (kernels.token_norms(q), kernels.token_norms(k)) if ops.c_kernels(q) else None
+    attn = m.matrices(q, k, norms)
+    y = v @ (m.project_out.weight.flatten(1) @ attn).transpose(1, 2)
+    return ops.add_tokens_norm(residual, y, layout, norm)
+
+
+@register_form(paper.ConvNHWC)
+class FusedConvNHWC(FusedForm, paper.ConvNHWC):
+    def forward(self, x):
+        if not inference(x):
+            return super().forward(x)
+        return ops.conv(self, x)
+
+
+@register_form(paper.LM)
+class FusedLM(FusedForm, paper.LM):
+    def forward(self, x):
+        if not inference(x):
+            return super().forward(x)
+        if ops.onednn(x) and not x.is_contiguous():
+            x = x.contiguous()  # a channel slice: copied once here, not by both oneDNN products
+        y = ops.conv(self.conv_in, x, act="gelu")
+        if ops.c_kernels(y) and y.shape[0] == 1:
+            y, mean = kernels.dwconv3x3(y, self.dwconv.weight, self.dwconv.bias, act="gelu", channel_means=True)
+            w_out = self.conv_out.weight.flatten(1) * self.se.gate(mean)
+            return ops.linear(y, w_out, self.conv_out.bias, add=x)
+        y = ops.conv(self.dwconv, y, act="gelu")
+        return ops.linear(self.se(y), self.conv_out.weight, self.conv_out.bias, add=x)
+
+
+@register_form(paper.AttentionUnit)
+class FusedAttentionUnit(FusedForm, paper.AttentionUnit):
+    def _sources(self) -> List[torch.Tensor]:
+        a = self.attn
+        return [a.qkv.weight, a.rel_pos_bias, a.proj.weight] if a.computes else [a.v.weight, a.proj.weight]
+
+    def _derive(self) -> Dict[str, torch.Tensor]:
+        a = self.attn
+        d = a.proj.in_features
+        if not a.computes:
+            return {"w": a.proj.weight @ a.v.weight}
+        w_v = a.proj.weight @ a.qkv.weight[2 * d:]
+        return {"w": torch.cat([a.qkv.weight[:2 * d], w_v]), "bias": a.rel_pos_bias[a.rel_pos_index]}
+
+    def forward(self, x, shared: Optional[torch.Tensor] = None):
+        if not inference(x):
+            return super().forward(x, shared)
+        a, merged = self.attn, self.cache()
+        t = ops.layer_norm(x, self.norm1, self.kind)
+        if a.computes:
+            qkv = ops.linear(t, merged["w"])
+            d = qkv.shape[-1] // 3
+            if ops.c_kernels(qkv):  # scores, bias and softmax of each window in registers
+                attn, v = kernels.attention_scores(qkv, merged["bias"], a.scale), qkv[..., 2 * d:]
+            else:
+                q, k, v = qkv.chunk(3, dim=-1)
+                attn = torch.baddbmm(merged["bias"], q, k.transpose(-2, -1), alpha=a.scale).softmax(dim=-1)
+        elif shared is None:
+            raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
+        else:
+            attn, v = shared, ops.linear(t, merged["w"])
+        x, z = ops.attend_add_norm(attn, v, x, self.kind, self.norm2)  # v is projected already
+        return gfn(self.gfn, z, residual=x), attn
+
+
+@register_form(paper.CAM)
+class FusedCAM(FusedForm, paper.CAM):
+    def forward(self, x):
+        if not inference(x):
+            return super().forward(x)
+        x, z = channel_attention(self.ca_meso, ops.layer_norm(x, self.norm1), x, self.norm2)
+        x = gfn(self.gfn1, z, residual=x)
+        x, z = channel_attention(self.ca_glob, ops.layer_norm(x, self.norm3), x, self.norm4)
+        return gfn(self.gfn2, z, residual=x)
+
+
+@register_form(paper.ESA)
+class FusedESA(FusedForm, paper.ESA):
+    def forward(self, x):
+        if not inference(x):
+            return super().forward(x)
+        c1 = ops.conv(self.conv1, x)
+        y = ops.linear(c1, self.conv_f.weight, self.conv_f.bias, add=self.mask_input(x, c1))
+        return x * ops.linear(y, self.conv4.weight, self.conv4.bias, act="sigmoid")
+
+
+@register_form(paper.IDB)
+class FusedIDB(FusedForm, paper.IDB):
+    def forward(self, x, shared):
+        if not inference(x):
+            return super().forward(x, shared)
+        y, mats = self.distill(x, shared)
+        return self.esa(ops.linear(y, self.conv.weight, self.conv.bias, add=x)), mats
+
+
+@register_form(paper.SerialBlock)
+class FusedSerialBlock(FusedForm, paper.SerialBlock):
+    def forward(self, x, shared):
+        if not inference(x):
+            return super().forward(x, shared)
+        y, mats = self.sam(self.lm(x))
+        return self.esa(ops.linear(self.cam(y), self.conv.weight, self.conv.bias, add=x)), list(mats)
