@@ -1,4 +1,5 @@
 """ONNX export (dynamic batch/height/width) and the onnxruntime backend: parity with PyTorch."""
+import os
 import pytest
 import torch
 
@@ -124,3 +125,10 @@ def test_a_prepared_model_exports_its_paper_modules_and_stays_prepared(monkeypat
     assert {"IDB", "LM", "AttentionUnit", "CAM", "ConvNHWC"} <= set(traced)
     assert not any(name.startswith("Fused") for name in traced)
     assert kernels.is_prepared(model) and type(model.blocks[0].lm1).__name__ == "FusedLM"
+
+
+def test_the_exported_file_gets_the_users_umask(exported):
+    _, path = exported
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask

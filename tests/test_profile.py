@@ -153,3 +153,12 @@ def test_cli_profile_takes_model_and_scale_from_the_checkpoint(tmp_path, capsys)
     assert "holds asid x3" in capsys.readouterr().err
     assert main(["profile", "--model", "asid", "--count-only"]) == 2
     assert "give --model NAME and --scale S, or --weights PATH" in capsys.readouterr().err
+
+
+def test_cli_profile_count_only_writes_json_without_timings(tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["profile", "--model", "asid", "--scale", "2", "--count-only", "--size", "32x32",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["latency_s"] == [] and data["latency_median_s"] is None and data["achieved_gflops_per_s"] is None
+    assert data["macs"] == _cost("asid", 2, (32, 32)).macs

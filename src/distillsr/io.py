@@ -25,6 +25,7 @@ What is supported:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import tempfile
@@ -401,6 +402,19 @@ def atomic_write(path: PathLike, write_fn) -> Path:
             pass
         raise
     return path
+
+
+def file_hash(path: PathLike, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes (``hashlib`` algorithm name), read in chunks."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: PathLike) -> str:
+    return file_hash(path, "sha256")
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

@@ -31,7 +31,6 @@ network.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -41,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 
 from .checkpoint import CheckpointError, load_model, save_model
-from .io import atomic_write
+from .io import atomic_write, sha256_file
 
 __all__ = ["PretrainedEntry", "PretrainedError", "list_pretrained", "get_pretrained",
            "load_pretrained", "save_pretrained", "choose_default", "weights_dirs", "sha256_file",
@@ -219,14 +218,6 @@ def get_pretrained(name: str, scale: int, weights_dir: DirsArg = None) -> Pretra
     raise PretrainedError(f"no pretrained weights {name!r} x{scale} are installed (looked in {where}; "
                           f"available: {have}); `distillsr weights list` names the releases that can be "
                           f"pulled, or pass a checkpoint file instead (--weights PATH)")
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def choose_default(scale: int, weights_dir: DirsArg = None) -> PretrainedEntry:

@@ -14,7 +14,6 @@ environment variable ``DISTILLSR_MIRROR``): files are then fetched as
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..io import file_lock
+from ..io import file_hash, file_lock
 
 __all__ = ["Remote", "DatasetSpec", "DATASETS", "DownloadError", "check_url", "download_file", "verify_file",
            "extract_archive", "make_benchmark_lr", "download_dataset", "MIRROR_ENV"]
@@ -95,24 +94,16 @@ DATASETS: Dict[str, DatasetSpec] = {
 
 # ----------------------------------------------------------------------------- one file
 
-def _hash(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_file(path, size: Optional[int] = None, sha256: Optional[str] = None, md5: Optional[str] = None) -> None:
     """Raise DownloadError unless ``path`` has the given size / checksums (those given)."""
     path = Path(path)
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise DownloadError(f"{path.name}: size {actual} bytes, expected {size}")
-    if sha256 and _hash(path, "sha256") != sha256.lower():
-        raise DownloadError(f"{path.name}: sha256 {_hash(path, 'sha256')} does not match the expected {sha256}")
-    if md5 and _hash(path, "md5") != md5.lower():
-        raise DownloadError(f"{path.name}: md5 {_hash(path, 'md5')} does not match the expected {md5}")
+    if sha256 and file_hash(path, "sha256") != sha256.lower():
+        raise DownloadError(f"{path.name}: sha256 {file_hash(path, 'sha256')} does not match the expected {sha256}")
+    if md5 and file_hash(path, "md5") != md5.lower():
+        raise DownloadError(f"{path.name}: md5 {file_hash(path, 'md5')} does not match the expected {md5}")
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")

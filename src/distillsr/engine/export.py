@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -41,13 +40,28 @@ def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, opset:
     The file's metadata holds ``distillsr.arch``, ``distillsr.scale`` and
     ``distillsr.options`` for :class:`distillsr.engine.onnx_backend.OnnxModel`.
     """
+    _require_onnx()
+    meta = _metadata(model, metadata)
+    proto = _trace(model, example_size, opset, verbose, meta).model_proto
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    import onnx
+    from ..io import atomic_write
+    return atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+
+
+def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ExportError(f"ONNX export needs the packages onnx and onnxscript ({e}); "
                           "pip install 'distillsr[onnx]'") from None
-    path = Path(path)
+
+
+def _metadata(model: torch.nn.Module, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """What the file records about the network (read back by ``OnnxModel``)."""
     scale = getattr(model, "scale", None)
     if not isinstance(scale, int):
         raise ExportError("the model has no integer 'scale' attribute")
@@ -55,8 +69,13 @@ def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, opset:
             "distillsr.scale": str(scale),
             "distillsr.options": repr(getattr(model, "arch_options", {})),
             "distillsr.io": "NCHW float32 RGB in [0, 1] -> NCHW float32 RGB in [0, 1]"}
-    meta.update(metadata or {})
+    meta.update(extra or {})
+    return meta
 
+
+def _trace(model: torch.nn.Module, example_size, opset: int, verbose: bool, meta: Dict[str, str]):
+    """The ONNX program of the paper modules (a prepared model's fused forms have no ONNX
+    form; a prepared model is prepared again afterwards), with symbolic batch, H and W."""
     was_training = model.training
     device = next(model.parameters()).device
     net = model.eval().to("cpu", torch.float32)
@@ -68,34 +87,15 @@ def export_onnx(model: torch.nn.Module, path: Union[str, os.PathLike], *, opset:
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
     try:
-        # the paper modules (a prepared model's fused forms have no ONNX form); a prepared
-        # model is prepared again afterwards
         with torch.no_grad(), paper_modules(net), warnings.catch_warnings(), quiet:
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(net, (x,), dynamo=True, opset_version=opset,
-                                        input_names=["input"], output_names=["output"],
-                                        dynamic_shapes={"x": {0: dyn, 2: dyn, 3: dyn}},
-                                        optimize=True, verbose=verbose)
+            return torch.onnx.export(net, (x,), dynamo=True, opset_version=opset,
+                                     input_names=["input"], output_names=["output"],
+                                     dynamic_shapes={"x": {0: dyn, 2: dyn, 3: dyn}},
+                                     optimize=True, verbose=verbose)
     except Exception as e:  # the exporter raises many kinds of errors
-        raise ExportError(f"could not export {meta['distillsr.arch']} x{scale} to ONNX: "
+        raise ExportError(f"could not export {meta['distillsr.arch']} x{meta['distillsr.scale']} to ONNX: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         registration_log.setLevel(level)
         model.to(device).train(was_training)
-
-    proto = program.model_proto
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    import onnx
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

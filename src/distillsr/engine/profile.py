@@ -303,12 +303,13 @@ class ProfileResult:
     peak_memory_bytes: Optional[int]
 
     @property
-    def median_s(self) -> float:
-        return statistics.median(self.latency_s)
+    def median_s(self) -> Optional[float]:
+        """Median latency; None when nothing was timed (``--count-only``)."""
+        return statistics.median(self.latency_s) if self.latency_s else None
 
     @property
-    def gflops_per_s(self) -> float:
-        return self.cost.flops / self.median_s / 1e9
+    def gflops_per_s(self) -> Optional[float]:
+        return self.cost.flops / self.median_s / 1e9 if self.latency_s else None
 
     def as_dict(self) -> dict:
         return {"model": self.model, "scale": self.scale, "output_size": list(self.output_size),

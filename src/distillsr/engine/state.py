@@ -14,7 +14,6 @@ checkpoint whose files are complete and match their recorded hashes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_model
-from ..io import atomic_write
+from ..io import atomic_write, sha256_file
 
 __all__ = ["CheckpointFiles", "write_checkpoint", "read_state", "find_resumable", "list_checkpoints",
            "prune_checkpoints", "capture_rng", "restore_rng", "sha256_file", "atomic_torch_save",
@@ -40,14 +39,6 @@ _TEMP_SUFFIXES = (".tmp", ".part")  # save_model's and atomic_write's temp files
 
 class StateError(ValueError):
     """A training-state file that cannot be resumed from."""
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
