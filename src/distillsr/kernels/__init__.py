@@ -55,7 +55,7 @@ _error: Optional[str] = None
 # the one switch for the fused CPU kernels (C kernels and oneDNN post-ops), read at every call
 enabled = os.environ.get("DISTILLSR_KERNELS", "1") != "0"
 
-from .prepare import (is_prepared, paper_modules, prepare_for_inference,  # noqa: E402
+from .prepare import (is_prepared, paper_modules, prepare_for_inference,  # noqa: E402,F401
                       restore_paper_modules)
 
 

@@ -51,20 +51,25 @@ def gfn(m: paper.GFN, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return ops.linear(g, m.project_out.weight, add=residual)
 
 
-def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torch.Tensor,
-                      norm: nn.Module):
-    """``y = residual + m(x)`` and ``norm(y)`` (NHWC)."""
+def qkv_tokens(m: paper.ChannelAttention, x: torch.Tensor):
+    """q, k, v (1x1 conv, depthwise 3x3) of an NHWC map, each (groups, pixels, C). (A
+    function of its own, so that the 3C-channel product is freed when it returns.)"""
     layout, c = m.layout, x.shape[-1]
     if ops.c_kernels(x):  # the dwconvs write tokens directly
         h, w = ops.linear(x, m.qkv.weight), m.qkv_dwconv.weight
-        q, k, v = (kernels.dwconv3x3(h[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
-                   for i in range(3))
-    else:
-        q, k, v = paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), layout).chunk(3, dim=-1)
+        return [kernels.dwconv3x3(h[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
+                for i in range(3)]
+    return paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), layout).chunk(3, dim=-1)
+
+
+def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torch.Tensor,
+                      norm: nn.Module):
+    """``y = residual + m(x)`` and ``norm(y)`` (NHWC)."""
+    q, k, v = qkv_tokens(m, x)
     norms = (kernels.token_norms(q), kernels.token_norms(k)) if ops.c_kernels(q) else None
     attn = m.matrices(q, k, norms)
     y = v @ (m.project_out.weight.flatten(1) @ attn).transpose(1, 2)
-    return ops.add_tokens_norm(residual, y, layout, norm)
+    return ops.add_tokens_norm(residual, y, m.layout, norm)
 
 
 @register_form(paper.ConvNHWC)
@@ -105,24 +110,28 @@ class FusedAttentionUnit(FusedForm, paper.AttentionUnit):
         w_v = a.proj.weight @ a.qkv.weight[2 * d:]
         return {"w": torch.cat([a.qkv.weight[:2 * d], w_v]), "bias": a.rel_pos_bias[a.rel_pos_index]}
 
+    def attention(self, x: torch.Tensor, shared: Optional[torch.Tensor]):
+        """(A, v) of the map ``x``: the attention matrices and the values, projected already
+        by the merged W_o W_v. (A method of its own, so that the normalised tokens are freed
+        when it returns.)"""
+        a, merged = self.attn, self.cache()
+        t = ops.layer_norm(x, self.norm1, self.kind)
+        if not a.computes:
+            if shared is None:
+                raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
+            return shared, ops.linear(t, merged["w"])
+        qkv = ops.linear(t, merged["w"])
+        d = qkv.shape[-1] // 3
+        if ops.c_kernels(qkv):  # scores, bias and softmax of each window in registers
+            return kernels.attention_scores(qkv, merged["bias"], a.scale), qkv[..., 2 * d:]
+        q, k, v = qkv.chunk(3, dim=-1)
+        return torch.baddbmm(merged["bias"], q, k.transpose(-2, -1), alpha=a.scale).softmax(dim=-1), v
+
     def forward(self, x, shared: Optional[torch.Tensor] = None):
         if not inference(x):
             return super().forward(x, shared)
-        a, merged = self.attn, self.cache()
-        t = ops.layer_norm(x, self.norm1, self.kind)
-        if a.computes:
-            qkv = ops.linear(t, merged["w"])
-            d = qkv.shape[-1] // 3
-            if ops.c_kernels(qkv):  # scores, bias and softmax of each window in registers
-                attn, v = kernels.attention_scores(qkv, merged["bias"], a.scale), qkv[..., 2 * d:]
-            else:
-                q, k, v = qkv.chunk(3, dim=-1)
-                attn = torch.baddbmm(merged["bias"], q, k.transpose(-2, -1), alpha=a.scale).softmax(dim=-1)
-        elif shared is None:
-            raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-        else:
-            attn, v = shared, ops.linear(t, merged["w"])
-        x, z = ops.attend_add_norm(attn, v, x, self.kind, self.norm2)  # v is projected already
+        attn, v = self.attention(x, shared)
+        x, z = ops.attend_add_norm(attn, v, x, self.kind, self.norm2)
         return gfn(self.gfn, z, residual=x), attn
 
 
