@@ -68,11 +68,8 @@ def upscale(image, scale: int = 4, model: ModelArg = None, *, device: Union[str,
         return _upscale_tensor(up, image)
     if isinstance(image, np.ndarray):
         return _upscale_numpy(up, image)
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    from PIL import Image
+    if isinstance(image, Image.Image):
         arr, info = imgio.pil_to_array(image)
         out = up.upscale_array(imgio.to_float(arr), info.dtype)
         result = imgio.array_to_pil(out)

@@ -186,17 +186,6 @@ def self_ensemble(model: Forward, x: torch.Tensor) -> torch.Tensor:
     return acc / len(_TRANSFORMS)
 
 
-def _forward_chop():
-    try:
-        from .chop import forward_chop
-    except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.chop":
-            raise RuntimeError("chop inference needs distillsr.engine.chop (forward_chop), which "
-                               "is not part of this build") from None
-        raise
-    return forward_chop
-
-
 def make_forward(model: Forward, scale: int, *, tile: Optional[int] = None, overlap: int = 24,
                  blend: str = "mean", chop: bool = False, ensemble: bool = False) -> Forward:
     """The inference function for one strategy: whole image (default), ``tile``
@@ -211,7 +200,7 @@ def make_forward(model: Forward, scale: int, *, tile: Optional[int] = None, over
         def base(x):
             return tiled_forward(model, x, scale, tile, overlap, blend)
     elif chop:
-        forward_chop = _forward_chop()
+        from .chop import forward_chop
 
         def base(x):
             return forward_chop(model, x, scale)

@@ -157,10 +157,7 @@ def onnxruntime_backend(model=None, scale: Optional[int] = None, weights=None,
 
 
 def _register() -> None:
-    try:
-        from .backends import register_backend
-    except ImportError:  # pragma: no cover - upscale engine not part of this build
-        return
+    from .backends import register_backend
     register_backend("onnxruntime")(onnxruntime_backend)
 
 
