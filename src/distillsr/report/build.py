@@ -122,7 +122,7 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
         results.append({"model": res["model"], "weights": res["weights"], "scale": spec.scale, "dataset": ds,
                         "protocol": proto, "psnr": r0["psnr"], "ssim": r0["ssim"],
                         "params": c["params"] if c else 0, "macs": c["macs"] if c else None,
-                        "macs_paper": c["macs_paper"] if c else None, "label": spec.label,
+                        "macs_paper": c["macs_paper"] if c else None, "label": spec.label, "arch": spec.arch,
                         "ssim_variant": res["ssim_variant"], "tile": res["tile"], "chop": res["chop"],
                         "num_images": r0["num_images"], "device": res["device"]})
 
@@ -133,7 +133,7 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
     nets = [s for s in specs if s.is_network]
     for spec in tqdm(nets, desc="profile", unit="model", file=sys.stderr, disable=not progress):
         for d in devices:
-            row = measure_speed(spec, cache, d, size, repeats=2 if quick else 3)
+            row = measure_speed(spec, cache, d, size, repeats=1 if quick else 3)
             speed.append({"label": spec.label, "scale": spec.scale, **row})
 
     # ---------------------------------------------------------------- figures
@@ -143,7 +143,7 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
         figs["fig1"] = figures.fig_psnr_params(panels, figdir / "fig1_psnr_params.png").name
     figs["fig5"] = _fig5(specs, datasets, scales, data, sr_dirs, crop_specs, figdir, quick)
     figs["fig6"] = _fig6(specs, datasets, data, figdir, log)
-    depth, ablation, fig7 = _fig7_tables(results, lit, datasets, cache, figdir, quick)
+    depth, ablation, fig7 = _fig7_tables(results, lit, datasets, cache, figdir, size)
     figs["fig7"] = fig7
     curves = _curves(runs, figdir)
     figs["curves"] = curves["figure"] if curves else None
@@ -155,6 +155,7 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
         "table2": {"output_size": list(size), "quick": quick, "rows": speed},
         "depth": depth,
         "ablation": ablation,
+        "variants_output_size": list(size),
         "notes": notes,
         "figures": figs,
         "settings": {"data": str(data_root), "data_used": str(data), "datasets": list(datasets),
@@ -326,22 +327,26 @@ def _fig6(specs, datasets, data, figdir, log) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------- Fig. 7, Tables 3-4
-def _fig7_tables(results, lit, datasets, cache, figdir, quick):
+def _fig7_tables(results, lit, datasets, cache, figdir, size):
+    """Depth series and ablation variants at x2, counted for an output of ``size`` (the
+    papers': 1280x720; ``--quick`` counts at a smaller one)."""
     depth_rows = []
     for n in DEPTHS:
-        c = variant_cost("asid", 2, {"blocks": n}, cache)
+        c = variant_cost("asid", 2, {"blocks": n}, cache, size)
         depth_rows.append({"blocks": n, "params": c["params"], "macs": c["macs"], "macs_paper": c["macs_paper"]})
-    published_depth = [{"depth": 3, "params": 298000, "macs_g": 63.592, "label": "ASID, paper (Table 3)"}]
+    paper_size = tuple(size) == OUTPUT_720P
+    published_depth = [{"depth": 3, "params": 298000, "macs_g": 63.592 if paper_size else None,
+                        "label": "ASID, paper (Table 3)"}]
     abl = []
     measured_x2 = {}
     for r in results:
         if r["scale"] == 2 and r["dataset"] == datasets[0]:
-            arch = r["model"] if r["model"] in ("asid", "asid-d8") else None
+            arch = r["arch"] if r["arch"] in ("asid", "asid-d8") else None
             if arch and (arch not in measured_x2 or r["protocol"] == "release"):
                 measured_x2[arch] = r
     for row in lit["ablation"]["rows"]:
         arch, opts = ABLATION_OPTIONS[row["key"]]
-        c = variant_cost(arch, 2, opts, cache)
+        c = variant_cost(arch, 2, opts, cache, size)
         m = measured_x2.get("asid") if row["key"] == "asid" else None
         abl.append({**row, "arch": arch, "options": opts, "our_params": c["params"], "our_macs": c["macs"],
                     "our_macs_paper": c["macs_paper"],
@@ -351,7 +356,7 @@ def _fig7_tables(results, lit, datasets, cache, figdir, quick):
                 for a, r in measured_x2.items()]
     fig = figures.fig_depth(DEPTHS, [d["params"] for d in depth_rows], [d["macs_paper"] / 1e9 for d in depth_rows],
                             published_depth, psnr_pts, figdir / "fig7_depth.png",
-                            "ASID paper's convention")
+                            "ASID paper's convention", size)
     return depth_rows, abl, fig.name
 
 

@@ -299,7 +299,8 @@ def fig_attention(lr: np.ndarray, query: Tuple[int, int], maps: Sequence[dict], 
 
 # ----------------------------------------------------------------------------- Fig. 7
 def fig_depth(depths: Sequence[int], params: Sequence[int], macs_g: Sequence[float],
-              published: Sequence[dict], psnr: Sequence[dict], path: PathLike, macs_note: str) -> Path:
+              published: Sequence[dict], psnr: Sequence[dict], path: PathLike, macs_note: str,
+              output: Tuple[int, int] = (1280, 720)) -> Path:
     """Fig. 7: parameters and MACs against the number of IDBs (x2), the paper's printed
     points beside ours, and measured PSNR where weights exist (``psnr``: {"depth", "psnr", "label"})."""
     plt = _plt()
@@ -330,7 +331,7 @@ def fig_depth(depths: Sequence[int], params: Sequence[int], macs_g: Sequence[flo
         ax.set_xlabel("number of IDBs N"); ax.set_ylabel("PSNR on Y (dB), measured"); ax.grid(True, alpha=0.3)
     for ax in axes:
         ax.set_xticks(list(depths))
-    fig.suptitle("ASID depth series at x2 (1280x720 output)", fontsize=10)
+    fig.suptitle(f"ASID depth series at x2 ({output[0]}x{output[1]} output)", fontsize=10)
     if psnr:
         _freeze_layout(fig)
         place_labels(axes[2], [p["depth"] for p in psnr], [p["psnr"] for p in psnr], [p["label"] for p in psnr],

@@ -279,7 +279,7 @@ def measure_speed(spec: ModelSpec, cache: Cache, device: str, output: Tuple[int,
     if hit is not None:
         return hit
     if device not in _SGEMM:
-        _SGEMM[device] = measure_sgemm(device, n=1024 if repeats < 3 else 2048, repeats=3)
+        _SGEMM[device] = measure_sgemm(device, n=512 if repeats < 3 else 2048, repeats=3)
     r = profile_model(spec.module(), output, device=device, repeats=repeats, warmup=1)
     value = {"device": device, "threads": r.threads, "output": list(output), "latency_s": r.median_s,
              "peak_memory_bytes": r.peak_memory_bytes, "achieved_gflops_per_s": r.gflops_per_s,

@@ -92,7 +92,7 @@ def table1(report: dict, lit: dict) -> str:
                        and r["dataset"] == ds}
                 any_r = next(iter(got.values()))
                 rel, dft = got.get("release"), got.get("default")
-                pub = _published_for(lit, any_r["model"], s) if any_r["model"] != "bicubic" else None
+                pub = _published_for(lit, any_r["arch"], s) if any_r["arch"] != "bicubic" else None
                 ps = (pub or {}).get("scores", {}).get(ds, {})
                 best = rel or dft
                 rows.append([
@@ -181,24 +181,29 @@ def write_page(path: PathLike, report: dict, lit: dict) -> Path:
                          "six. Each map's 64 weights sum to 1.", "Fig. 6"))
 
     b.append("<h2>Fig. 7 and Tables 3-4: depth and ablations (x2)</h2>")
+    vsize = "x".join(str(v) for v in report["variants_output_size"])
+    if quick:
+        b.append(f'<p class="note">Quick mode: the MACs below are counted for a {vsize} output, not the papers\' '
+                 "1280x720, so they are not comparable with the papers' FLOPs (parameters are).</p>")
     if figs.get("fig7"):
         b.append(_figure(figs["fig7"], "Parameters and MACs (the ASID paper's convention: with bias additions and "
-                         "LayerNorm) of ASID with N = 2..8 IDBs at x2 for a 1280x720 output, counted here; "
+                         f"LayerNorm) of ASID with N = 2..8 IDBs at x2 for a {vsize} output, counted here; "
                          "the paper's printed point for N = 3 (Table 3); measured PSNR only where weights exist. "
                          "The paper's Fig. 7 prints no values.", "Fig. 7"))
     rows = []
     for d in report["depth"]:
         rows.append([str(d["blocks"]), f"{d['params']:,}", _g(d["macs"]), _g(d["macs_paper"])])
-    b.append(_table(["IDBs N", "params", "MACs conv+linear", "MACs (paper's convention)"], rows))
+    b.append(_table(["IDBs N", "params", f"MACs conv+linear ({vsize})", f"MACs, paper's convention ({vsize})"],
+                    rows))
     rows = []
     for a in report["ablation"]:
         opts = ", ".join(f"{k}={v}" for k, v in a["options"].items()) or "defaults"
         rows.append([_e(a["variant"]), f"<code>{_e(a['arch'])}</code> {_e(opts)}", f"{a['our_params']:,}",
-                     f"{a['params'] / 1e3:.0f}K", _g(a["our_macs_paper"]), f"{a['macs_g']}G",
+                     f"{a['params'] / 1e3:.0f}K", _g(a["our_macs_paper"]), f"{a['macs_g']}G (1280x720)",
                      f"{a['urban100_x2_psnr']:.2f}",
                      "&ndash;" if a["measured_psnr"] is None else f"{a['measured_psnr']:.2f} ({_e(a['measured_on'])})"])
     b.append(_table(["variant (Tables 3-4)", "how it is built here", "params, counted", "params, paper",
-                     "MACs, counted (paper's convention)", "FLOPs, paper", "Urban100 PSNR, paper",
+                     f"MACs, counted (paper's convention, {vsize})", "FLOPs, paper", "Urban100 PSNR, paper",
                      "PSNR, measured"], rows, left=2))
 
     b.append("<h2>Table 2: cost and speed on this machine</h2>")
