@@ -191,13 +191,14 @@ class Cache:
 
 # ----------------------------------------------------------------------------- measuring
 def protocols_for(spec: ModelSpec) -> Dict[str, dict]:
-    """``{"release": settings, "default": settings}`` (bicubic: default only)."""
-    out = {}
+    """``{"default": settings, "release": settings}`` (bicubic: default only). Where the
+    release's settings are the default ones (RFDN: whole image, Wang SSIM) both rows share
+    one cache entry, so the model is evaluated once."""
+    out = {"default": dict(DEFAULT_PROTOCOL)}
     if spec.is_network:
         from ..engine.evaluate import release_protocol_for
         rel = release_protocol_for(spec.eval_model("cpu"))
         out["release"] = {k: rel[k] for k in ("tile", "tile_overlap", "chop", "ssim")}
-    out["default"] = dict(DEFAULT_PROTOCOL)
     return out
 
 
