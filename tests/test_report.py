@@ -237,4 +237,8 @@ def test_bad_input_fails_clearly(tmp_path, capsys):
                  "asid-release", "--scales", "4", "--quick"]) == 1
     err = capsys.readouterr().err
     assert "weights pull asid-release --scale 4" in err and "nothing to report" in err
-    assert not (tmp_path / "c" / "index.html").exists() and not (tmp_path / "c" / "results.json").exists()
+    assert not (tmp_path / "c").exists()
+    assert main(["report", "-o", str(tmp_path / "d"), "--data", data, "--datasets", "Set5", "--models",
+                 "bicubic", "--scales", "4", "--quick", "--crop", "baby:0,0,48,48"]) == 1
+    assert "--crop baby: no image of that name in Set5 (--quick keeps" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "index.html").exists()

@@ -88,15 +88,20 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
         if not (Path(r) / "log.csv").is_file():
             raise ReportError(f"--runs {r}: no log.csv in that folder (a `distillsr train` run folder)")
     progress = sys.stderr.isatty() if progress is None else progress
+    specs, notes = resolve_models(models, weights, scales, log)
+    if not specs:
+        raise ReportError("nothing to report: no model has weights here (see the notes above)")
     out.mkdir(parents=True, exist_ok=True)
     figdir = out / "figures"
     figdir.mkdir(exist_ok=True)
     cache = Cache(out / "cache")
     data = quick_data(data_root, datasets, scales, out / "cache" / "quick-data") if quick else data_root
-
-    specs, notes = resolve_models(models, weights, scales, log)
-    if not specs:
-        raise ReportError("nothing to report: no model has weights here (see the notes above)")
+    from ..data.benchmark import BenchmarkSet
+    names = {n for ds in datasets for n in BenchmarkSet(data, ds, scales[0]).names}
+    for name, *_ in crop_specs:
+        if name not in names:
+            raise ReportError(f"--crop {name}: no image of that name in {', '.join(datasets)}"
+                              + (" (--quick keeps only the two smallest images of each set)" if quick else ""))
     lit = load_literature()
 
     # ---------------------------------------------------------------- scores and cost
