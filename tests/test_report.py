@@ -80,7 +80,7 @@ def report(tmp_path_factory):
         out = tmp / "r"
         result = build_report(out, data, models=["bicubic", "asid"], weights=[random_file], runs=[run], **ARGS)
         yield {"out": out, "data": data, "result": result, "calls": list(counter.calls),
-               "random": random_file, "tmp": tmp}
+               "random": random_file, "tmp": tmp, "run": run}
 
 
 def test_page_parses_and_every_image_decodes(report):
@@ -168,21 +168,6 @@ def test_results_equal_eval_json(report, which, tmp_path):
     assert row in on_disk
 
 
-def test_rerun_with_one_more_model_evaluates_only_it(report, monkeypatch):
-    # E-RFDN's release protocol is eval's default one: one evaluation serves both rows
-    assert len(report["calls"]) == 4 and report["result"]["work"]["scores_computed"] == 4
-    counter = _Counting(monkeypatch)
-    torch.manual_seed(1)
-    extra = save_model(create_model("e-rfdn", 4), report["tmp"] / "another_x4.safetensors")
-    again = build_report(report["out"], report["data"], models=["bicubic", "asid"],
-                         weights=[report["random"], extra], **ARGS)
-    assert len(counter.calls) == 1 and counter.calls[0][0] == "e-rfdn"  # the new file only
-    assert again["work"] == {"scores_computed": 1, "scores_cached": 6}
-    before = {(r["label"], r["protocol"]): r["psnr"] for r in report["result"]["results"]}
-    after = {(r["label"], r["protocol"]): r["psnr"] for r in again["results"]}
-    assert all(after[k] == v for k, v in before.items())
-
-
 def test_page_in_headless_chromium(report):
     from browser_helpers import artefact_dir, browser_page
     index = report["out"] / "index.html"
@@ -193,6 +178,21 @@ def test_page_in_headless_chromium(report):
         assert widths and all(w > 0 for w in widths), widths
         page.screenshot(path=os.path.join(artefact_dir(), "report_index.png"), full_page=True)
     assert errors == []
+
+
+def test_rerun_with_one_more_model_evaluates_only_it(report, monkeypatch):
+    # E-RFDN's release protocol is eval's default one: one evaluation serves both rows
+    assert len(report["calls"]) == 4 and report["result"]["work"]["scores_computed"] == 4
+    counter = _Counting(monkeypatch)
+    torch.manual_seed(1)
+    extra = save_model(create_model("e-rfdn", 4), report["tmp"] / "another_x4.safetensors")
+    again = build_report(report["out"], report["data"], models=["bicubic", "asid"],
+                         weights=[report["random"], extra], runs=[report["run"]], **ARGS)
+    assert len(counter.calls) == 1 and counter.calls[0][0] == "e-rfdn"  # the new file only
+    assert again["work"] == {"scores_computed": 1, "scores_cached": 6}
+    before = {(r["label"], r["protocol"]): r["psnr"] for r in report["result"]["results"]}
+    after = {(r["label"], r["protocol"]): r["psnr"] for r in again["results"]}
+    assert all(after[k] == v for k, v in before.items())
 
 
 def test_attention_maps_are_block_one_rows():

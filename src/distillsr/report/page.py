@@ -231,7 +231,8 @@ def write_page(path: PathLike, report: dict, lit: dict) -> Path:
 
     b.append("<h2>Sources of the published numbers</h2><ul>")
     for key, src in report["published_sources"].items():
-        b.append(f"<li><b>[{_e(key)}]</b> {_e(src['cite'])} {_e(src['where'])}.</li>")
+        where = src["where"][:1].upper() + src["where"][1:]
+        b.append(f"<li><b>[{_e(key)}]</b> {_e(src['cite'])} {_e(where)}.</li>")
     b.append("</ul><p>Every number in <code>results.json</code>; the literature table is "
              "<code>distillsr/report/literature.json</code>.</p></body></html>")
     return atomic_write_text(path, "\n".join(b) + "\n")
