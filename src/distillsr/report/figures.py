@@ -349,8 +349,11 @@ def fig_learning_curves(runs: Sequence[dict], path: PathLike) -> Path:
         axes[0].plot(r["iter"], r["loss"], label=r["name"], lw=1)
         if r["val_iter"]:
             axes[1].plot(r["val_iter"], r["val_psnr"], "o-", label=r["name"], ms=3)
-    axes[0].set_xlabel("iteration"); axes[0].set_ylabel("training loss (L1, mean since last row)")
-    axes[0].set_yscale("log"); axes[0].grid(True, alpha=0.3, which="both")
+    axes[0].set_xlabel("iteration"); axes[0].set_ylabel("training loss (mean since the previous row)")
+    losses = [v for r in runs for v in r["loss"] if v > 0]
+    if losses and max(losses) / min(losses) > 20:  # a log axis only where the loss spans decades
+        axes[0].set_yscale("log")
+    axes[0].grid(True, alpha=0.3, which="both")
     axes[1].set_xlabel("iteration"); axes[1].set_ylabel("validation PSNR on Y (dB)"); axes[1].grid(True, alpha=0.3)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
