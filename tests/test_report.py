@@ -193,6 +193,9 @@ def test_rerun_with_one_more_model_evaluates_only_it(report, monkeypatch):
     before = {(r["label"], r["protocol"]): r["psnr"] for r in report["result"]["results"]}
     after = {(r["label"], r["protocol"]): r["psnr"] for r in again["results"]}
     assert all(after[k] == v for k, v in before.items())
+    page = _Page()
+    page.feed((report["out"] / "index.html").read_text(encoding="utf-8"))
+    assert {p.name for p in (report["out"] / "figures").glob("*.png")} == {Path(s).name for s in page.images}
 
 
 def test_attention_maps_are_block_one_rows():

@@ -174,9 +174,24 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
     from .page import write_page
     atomic_write_text(out / "results.json", json.dumps(report, indent=1, default=_json_default) + "\n")
     write_page(out / "index.html", report, lit)
+    _remove_stale_figures(figdir, figs)
     log(f"wrote {out / 'index.html'} and {out / 'results.json'} "
         f"({scores_computed} evaluation(s) run, {len(jobs) - scores_computed} from the cache)")
     return report
+
+
+def _remove_stale_figures(figdir: Path, figs: dict) -> None:
+    """Delete figure files of earlier runs that the new page no longer shows."""
+    keep = set()
+    for v in figs.values():
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, dict):
+                keep.add(item["file"])
+            elif item:
+                keep.add(item)
+    for p in figdir.glob("*.png"):
+        if p.name not in keep:
+            p.unlink()
 
 
 def _json_default(o):
