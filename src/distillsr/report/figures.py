@@ -17,6 +17,7 @@ MEASURED_COLOUR = "#c0392b"
 PUBLISHED_COLOUR = "#7f8c8d"
 OURS_PUBLISHED_COLOUR = "#2471a3"
 DPI = 110
+FLOOR_DB = 6.0  # Fig. 1 shows measured points down to this far below the lowest published one
 
 
 def _plt():
@@ -59,8 +60,8 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
     from matplotlib.transforms import Bbox
     markers = [Bbox.from_extents(cx - r, cy - r, cx + r, cy + r) for (cx, cy), r in zip(centres, radii)]
     candidates = []
-    for ring in (6, 16, 28, 42, 58, 76):
-        for ang in range(0, 360, 30):
+    for ring in (6, 16, 28, 42, 58, 76, 96, 120):
+        for ang in range(0, 360, 20):
             a = np.deg2rad(ang)
             dx, dy = ring * np.cos(a), ring * np.sin(a)
             ha = "left" if dx > 1 else "right" if dx < -1 else "center"
@@ -75,26 +76,26 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
         for dx, dy, ha, va, ring in candidates:
             r = ring + own
             scale = r / max(np.hypot(dx, dy), 1e-9)
-            arrow = dict(arrowstyle="-", color="0.5", lw=0.6) if ring > 6 else None
+            # measured without a leader line (an Annotation's extent would include it)
             t = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx * scale, dy * scale), textcoords="offset points",
-                            ha=ha, va=va, fontsize=fontsize, color=(colours[i] if colours else "black"),
-                            arrowprops=arrow, zorder=5)
+                            ha=ha, va=va, fontsize=fontsize, color=(colours[i] if colours else "black"), zorder=5)
             bb = t.get_window_extent(renderer).expanded(1.06, 1.15)
             # other markers count with a margin, so that a label never sits closer to another point
             overlap = sum(_area(bb, p) for p in placed) + 0.3 * sum(
-                _area(bb, m if k == i else m.expanded(1, 1).padded(7 * px)) for k, m in enumerate(markers))
+                _area(bb, m.padded(7 * px)) for k, m in enumerate(markers) if k != i)
             outside = (bb.x0 < axbox.x0) + (bb.x1 > axbox.x1) + (bb.y0 < axbox.y0) + (bb.y1 > axbox.y1)
             score = overlap + outside * 1e7 + ring * 0.01
+            t.remove()
             if best is None or score < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (score, t, bb)
-            else:
-                t.remove()
+                best = (score, (dx * scale, dy * scale, ha, va, ring), bb)
             if overlap == 0 and not outside:
                 break
+        dx, dy, ha, va, ring = best[1]
+        arrow = dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=1, shrinkB=2) if ring > 6 else None
+        t = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                        fontsize=fontsize, color=(colours[i] if colours else "black"), arrowprops=arrow, zorder=5)
         placed.append(best[2])
-        out.append(best[1])
+        out.append(t)
     return out
 
 
@@ -135,10 +136,16 @@ def fig_psnr_params(panels: Sequence[dict], path: PathLike) -> Path:
                        linewidths=1.2, zorder=2)
             xs.append(p["params"] / 1e3); ys.append(p["psnr"]); labels.append(p["label"]); colours.append(colour)
             sizes.append(macs_area(p["macs_g"]) if known else 30)
+        # far below the published points (e.g. random weights): drawn on the bottom edge with the value
+        floor = min(p["psnr"] for p in panel["published"]) - FLOOR_DB if panel["published"] else -np.inf
         for m in panel["measured"]:
-            ax.scatter([m["params"] / 1e3], [m["psnr"]], s=macs_area(m["macs_g"]) if m.get("macs_g") else 30,
-                       marker="o", facecolors=MEASURED_COLOUR, edgecolors="black", alpha=0.8, linewidths=0.8, zorder=3)
-            xs.append(m["params"] / 1e3); ys.append(m["psnr"]); labels.append(m["label"]); colours.append(MEASURED_COLOUR)
+            low = m["psnr"] < floor
+            y = floor if low else m["psnr"]
+            ax.scatter([m["params"] / 1e3], [y], s=macs_area(m["macs_g"]) if m.get("macs_g") else 30,
+                       marker="v" if low else "o", facecolors=MEASURED_COLOUR, edgecolors="black", alpha=0.8,
+                       linewidths=0.8, zorder=3)
+            xs.append(m["params"] / 1e3); ys.append(y); colours.append(MEASURED_COLOUR)
+            labels.append(f"{m['label']}: {m['psnr']:.2f} dB (below)" if low else m["label"])
             sizes.append(macs_area(m["macs_g"]) if m.get("macs_g") else 30)
         ax.set_title(panel["title"])
         ax.set_xlabel("parameters (thousands)")
@@ -148,7 +155,7 @@ def fig_psnr_params(panels: Sequence[dict], path: PathLike) -> Path:
             xr = max(xs) - min(xs) or 100.0
             yr = max(ys) - min(ys) or 1.0
             ax.set_xlim(min(xs) - 0.12 * xr, max(xs) + 0.22 * xr)
-            ax.set_ylim(min(ys) - 0.12 * yr, max(ys) + 0.15 * yr)
+            ax.set_ylim(min(ys) - 0.15 * yr, max(ys) + 0.3 * yr)
             to_label.append((ax, xs, ys, labels, colours, sizes))
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
