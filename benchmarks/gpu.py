@@ -38,6 +38,7 @@ import copy
 import gc
 import json
 import math
+import os
 import platform
 import signal
 import statistics
@@ -357,10 +358,10 @@ def main(argv=None) -> int:
     p.add_argument("--psnr-dtypes", default=None, help="default bf16,fp16 (--smoke: bf16); fp32 always runs")
     p.add_argument("--psnr-images", type=int, default=None, help="first N images of Set5 (default all; --smoke 1)")
     p.add_argument("--smoke", action="store_true", help="a tiny output size, 1-2 runs per cell: seconds")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --smoke: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --smoke: 2)")
     args = p.parse_args(argv)
     if args.smoke and args.threads is None:
-        args.threads = 1
+        args.threads = min(2, os.cpu_count() or 1)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -370,7 +371,6 @@ def main(argv=None) -> int:
         p.error(str(e))
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out}: exists and is not a folder")
-    args.out.mkdir(parents=True, exist_ok=True)
     models = _parse_list(args.models, MODELS, "models")
     size_table = {**SIZES, **SMOKE_SIZES}
     sizes = _parse_list(args.sizes, size_table, "sizes") if args.sizes else list(SMOKE_SIZES if args.smoke else SIZES)
@@ -384,6 +384,7 @@ def main(argv=None) -> int:
                             WEIGHTS_NAMES, "psnr-weights"),
         dtypes=_parse_list(args.psnr_dtypes or ("bf16" if args.smoke else "bf16,fp16"), DTYPES, "psnr-dtypes"),
         images=args.psnr_images if args.psnr_images is not None else (1 if args.smoke else 0))
+    args.out.mkdir(parents=True, exist_ok=True)
     bench = args.bench
     if bench is None:
         bench = next((b for b in (HERE.parent / ".carry" / "benchmark", HERE.parent.parent / "shared" / "data" /

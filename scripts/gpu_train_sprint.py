@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -45,7 +46,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from distillsr.engine.config import load_config  # noqa: E402
+from distillsr.engine.config import ConfigError, load_config  # noqa: E402
 from distillsr.engine.device import select_device  # noqa: E402
 from distillsr.engine.ship import Run, ShipResult, ship  # noqa: E402
 from distillsr.engine.train import TrainError, train  # noqa: E402
@@ -206,10 +207,10 @@ def sprint_scale(scale: int, args, device: torch.device, scale_end: float, log, 
                  f"sched.min_lr={args.lr / 40}", "train.ema_decay=0.999", f"train.iters={iters}",
                  "train.amp=bf16", f"train.compile={str(compile_net).lower()}",
                  f"train.channels_last={str(cuda).lower()}", f"train.device={device}",
-                 f"train.threads={torch.get_num_threads()}", f"data.num_workers={args.workers if cuda else 0}", f"train.log_every={1 if args.smoke else 20}",
+                 f"train.threads={torch.get_num_threads()}", f"data.num_workers={args.workers if cuda else 0}",
+                 f"train.log_every={1 if args.smoke else 20}",
                  f"train.ckpt_every={iters}", "train.keep_ckpts=1", "train.progress=log",
                  "train.tensorboard=false"]
-    cfg = load_config(f"{NAME}_x{scale}_photos", overrides)
     entry["overrides"] = overrides
     t0 = time.monotonic()
     stop_at = t0 + train_s
@@ -218,7 +219,18 @@ def sprint_scale(scale: int, args, device: torch.device, scale_end: float, log, 
         if time.monotonic() > stop_at:
             trainer.request_stop()
 
-    result = train(cfg, log=log, callbacks=[on_time])
+    try:
+        result = train(load_config(f"{NAME}_x{scale}_photos", overrides), log=log, callbacks=[on_time])
+    except (RuntimeError, ConfigError) as e:  # torch.compile failing on this build: once more, eager
+        if not compile_net or isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        log(f"x{scale}: training with torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+            f"going on without it")
+        entry["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        overrides = [o for o in overrides if not o.startswith(("train.compile=", "name="))]
+        overrides += ["train.compile=false", f"name={run_name}_eager"]
+        entry["overrides"] = overrides
+        result = train(load_config(f"{NAME}_x{scale}_photos", overrides), log=log, callbacks=[on_time])
     wall = time.monotonic() - t0
     done = result.iteration
     entry.update(iterations=done, completed=result.completed, train_wall_s=wall,
@@ -302,7 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batches", default=None, help="batch sizes the probe tries, in order "
                                                    "(default 16,32,...,512; --smoke: 2,4)")
-    p.add_argument("--probe-s", type=float, default=None, help="probe time per scale (default 25; --smoke 10)")
+    p.add_argument("--probe-s", type=float, default=None, help="probe time per scale (default 25; --smoke 60)")
     p.add_argument("--patch", type=int, default=None, help="LR patch side (default 64; --smoke 24)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--workers", type=int, default=6, help="data loader processes on CUDA (0 on the CPU)")
@@ -311,10 +323,10 @@ def main(argv=None) -> int:
     p.add_argument("--ship-s", type=float, default=40.0, help="seconds kept per scale for scoring and shipping")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--smoke-photos", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --smoke: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --smoke: 2)")
     args = p.parse_args(argv)
     if args.smoke and args.threads is None:
-        args.threads = 1
+        args.threads = min(2, os.cpu_count() or 1)
     args.argv = argv
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -336,7 +348,7 @@ def main(argv=None) -> int:
         if not (args.bench / s / "HR").is_dir():
             p.error(f"--bench {args.bench}: no {s}/HR folder")
     args.batches = [int(b) for b in (args.batches or ("2,4" if args.smoke else "16,32,64,128,256,512")).split(",")]
-    args.probe_s = args.probe_s if args.probe_s is not None else (10.0 if args.smoke else 25.0)
+    args.probe_s = args.probe_s if args.probe_s is not None else (60.0 if args.smoke else 25.0)
     args.patch = args.patch or (24 if args.smoke else 64)
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out}: exists and is not a folder")
