@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, default=None, help="LR patch side (default 64; --smoke 24)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--workers", type=int, default=6, help="data loader processes on CUDA (0 on the CPU)")
-    p.add_argument("--compile-s", type=float, default=60.0, help="seconds set aside for torch.compile")
+    p.add_argument("--compile-s", type=float, default=45.0, help="seconds set aside for torch.compile")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--ship-s", type=float, default=40.0, help="seconds kept per scale for scoring and shipping")
     p.add_argument("--smoke", action="store_true")
