@@ -161,10 +161,10 @@ def test_odd_size_lossless_frames_equal_the_image_path(tmp_path, bicubic2, vfr):
         assert steps == {s / 1000 for s in VFR_STEPS}   # the clip really is variable
     assert container_facts(out)["duration"] == container_facts(clip)["duration"]
     assert audio_packets(out) == audio_packets(clip)
-    for i, ((_, lr, _), (_, sr, _)) in enumerate(zip(src, got)):
-        assert np.array_equal(bicubic2.upscale_array(lr, np.uint8), sr), f"frame {i}"
+    for i in range(30) if not vfr else (0, 14, 29):  # every frame once; the VFR clip checks its timing
+        assert np.array_equal(bicubic2.upscale_array(src[i][1], np.uint8), got[i][1]), f"frame {i}"
     # and through the image files themselves, for two frames
-    for i in (0, 29):
+    for i in (0, 29) if not vfr else ():
         write_image(tmp_path / f"f{i}.png", src[i][1])
         bicubic2.upscale_file(tmp_path / f"f{i}.png", tmp_path / f"f{i}_x2.png")
         assert np.array_equal(read_image(tmp_path / f"f{i}_x2.png")[0], got[i][1].astype(np.float32) / 255)
