@@ -38,7 +38,7 @@ PathArg = Union[str, os.PathLike]
 
 # how long a process that finished waits for the others at the end (a collection of videos
 # can keep one process busy for days longer than another)
-GROUP_TIMEOUT = timedelta(days=30)
+GROUP_TIMEOUT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
