@@ -26,9 +26,9 @@ VFR_STEPS = (33, 50, 17)  # ms between frames of the variable-frame-rate clip
 
 
 def make_clip(path, width, height, *, frames=30, codec="libx264", pix_fmt="yuv420p", vfr=False, audio=True,
-              rotation=None, colour=None, seed=0):
+              rotation=None, colour=None, subtitles=False, seed=0):
     """A clip of smooth random frames (so that bicubic and the codec see real structure),
-    with an AAC track of 48 kHz mono when ``audio``."""
+    with an AAC track of 48 kHz mono when ``audio``, and two SubRip cues when ``subtitles``."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (height // 4 + 2, width // 4 + 2, 3)).astype(np.float32)
     with av.open(str(path), "w") as c:
@@ -43,6 +43,9 @@ def make_clip(path, width, height, *, frames=30, codec="libx264", pix_fmt="yuv42
         a = c.add_stream("aac", rate=48000) if audio else None
         if a is not None:
             a.layout = "mono"
+        subs = c.add_mux_stream("subrip") if subtitles else None
+        if subs is not None:
+            subs.time_base = Fraction(1, 1000)
         pts = 0
         for i in range(frames):
             small = np.roll(base, i, axis=1)
@@ -55,6 +58,10 @@ def make_clip(path, width, height, *, frames=30, codec="libx264", pix_fmt="yuv42
             for p in vs.encode(frame):
                 c.mux(p)
         for p in vs.encode():
+            c.mux(p)
+        for k, text in enumerate([b"first cue", b"second cue"] if subs is not None else []):
+            p = av.Packet(text)
+            p.stream, p.time_base, p.pts, p.dts, p.duration = subs, Fraction(1, 1000), 200 * k, 200 * k, 150
             c.mux(p)
         if a is not None:
             for k in range(frames * 48000 // 30 // 1024 + 1):
@@ -79,9 +86,9 @@ def timestamps(path):
         return [f.pts * f.time_base for f in c.decode(video=0)]
 
 
-def audio_packets(path):
+def audio_packets(path, kind="audio"):
     with av.open(str(path)) as c:
-        return [(bytes(p), p.pts * p.time_base) for p in c.demux(audio=0) if p.size]
+        return [(bytes(p), p.pts * p.time_base) for p in c.demux(**{kind: 0}) if p.size]
 
 
 def container_facts(path):
@@ -149,7 +156,7 @@ def test_done_when_x2_clip_keeps_rate_timestamps_audio_rotation_colour(tmp_path)
 
 @pytest.mark.parametrize("vfr", [False, True], ids=["cfr", "vfr"])
 def test_odd_size_lossless_frames_equal_the_image_path(tmp_path, bicubic2, vfr):
-    clip = make_clip(tmp_path / "odd.mkv", 65, 49, codec="ffv1", pix_fmt="bgr0", vfr=vfr)
+    clip = make_clip(tmp_path / "odd.mkv", 65, 49, codec="ffv1", pix_fmt="bgr0", vfr=vfr, subtitles=True)
     out = tmp_path / "out" / "odd.mkv"
     result = upscale_video(clip, out, bicubic2, check_video_options(codec="ffv1"), progress=False)
     assert (result.frames, result.width, result.height, result.pix_fmt) == (30, 130, 98, "bgr0")
@@ -161,6 +168,8 @@ def test_odd_size_lossless_frames_equal_the_image_path(tmp_path, bicubic2, vfr):
         assert steps == {s / 1000 for s in VFR_STEPS}   # the clip really is variable
     assert container_facts(out)["duration"] == container_facts(clip)["duration"]
     assert audio_packets(out) == audio_packets(clip)
+    subs = audio_packets(clip, "subtitles")
+    assert [b for b, _ in subs] == [b"first cue", b"second cue"] and audio_packets(out, "subtitles") == subs
     for i in range(30) if not vfr else (0, 14, 29):  # every frame once; the VFR clip checks its timing
         assert np.array_equal(bicubic2.upscale_array(src[i][1], np.uint8), got[i][1]), f"frame {i}"
     # and through the image files themselves, for two frames

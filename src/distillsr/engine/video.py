@@ -384,6 +384,37 @@ def upscale_video(src: PathArg, dst: PathArg, upscaler: Upscaler, options: Optio
                        time.perf_counter() - start)
 
 
+def _keep_labels(src_stream, dst_stream) -> None:
+    """A stream's language and title, and its disposition (default, forced, ...)."""
+    for key in ("language", "title"):
+        if src_stream.metadata.get(key):
+            dst_stream.metadata[key] = src_stream.metadata[key]
+    try:
+        dst_stream.disposition = src_stream.disposition
+    except (AttributeError, TypeError, ValueError):  # older PyAV: the muxer's own
+        pass
+
+
+def _add_video_stream(out, vin, probe: VideoProbe, codec: str, out_pix: str, crf: Optional[int], scale: int):
+    """The output's video stream: the input's time base, rate, aspect, colour tags, display
+    matrix and labels; the encoder's quality."""
+    tb = vin.time_base
+    vout = out.add_stream(codec, rate=probe.rate or Fraction(25))
+    vout.width, vout.height, vout.pix_fmt = probe.width * scale, probe.height * scale, out_pix
+    _keep_labels(vin, vout)
+    vout.time_base = tb
+    vout.codec_context.time_base = tb
+    if probe.sample_aspect_ratio:
+        vout.codec_context.sample_aspect_ratio = probe.sample_aspect_ratio
+    for k, v in probe.colour.items():
+        setattr(vout.codec_context, k, v)
+    if crf is not None:
+        vout.options = dict(vout.options or {}, crf=str(crf), **({"b": "0"} if codec == "libvpx-vp9" else {}))
+    if probe.display_matrix is not None:
+        vout.set_display_matrix(list(probe.display_matrix))
+    return vout
+
+
 def _transcode(src: Path, tmp: str, muxer: str, probe: VideoProbe, upscaler: Upscaler, codec: str,
                out_pix: str, crf: Optional[int], batch: int, progress: Optional[bool],
                log: Callable[[str], None]) -> dict:
@@ -395,31 +426,20 @@ def _transcode(src: Path, tmp: str, muxer: str, probe: VideoProbe, upscaler: Ups
         vin = _video_stream(src, inp)
         vin.thread_type = "AUTO"
         tb = vin.time_base
-        copies, dropped = {}, []
-        for st in inp.streams:
+        copies, dropped, vout = {}, [], None
+        for st in inp.streams:  # in the input's order
             if st.index == vin.index:
-                continue
-            if st.type in ("audio", "subtitle"):
+                vout = _add_video_stream(out, vin, probe, codec, out_pix, crf, scale)
+            elif st.type in ("audio", "subtitle"):
                 try:
                     copies[st.index] = out.add_stream_from_template(st)
                 except (av.FFmpegError, ValueError) as e:
                     raise VideoError(f"{src}: its {st.type} stream #{st.index} cannot be copied ({e})") from None
+                _keep_labels(st, copies[st.index])
             else:
                 dropped.append(f"#{st.index} ({st.type})")
         if dropped:
             log(f"note: {src}: streams {', '.join(dropped)} are not carried over (audio and subtitles are)")
-        vout = out.add_stream(codec, rate=probe.rate or Fraction(25))
-        vout.width, vout.height, vout.pix_fmt = probe.width * scale, probe.height * scale, out_pix
-        vout.time_base = tb
-        vout.codec_context.time_base = tb
-        if probe.sample_aspect_ratio:
-            vout.codec_context.sample_aspect_ratio = probe.sample_aspect_ratio
-        for k, v in probe.colour.items():
-            setattr(vout.codec_context, k, v)
-        if crf is not None:
-            vout.options = dict(vout.options or {}, crf=str(crf), **({"b": "0"} if codec == "libvpx-vp9" else {}))
-        if probe.display_matrix is not None:
-            vout.set_display_matrix(list(probe.display_matrix))
         out.metadata.update({k: v for k, v in inp.metadata.items() if k.lower() != "encoder"})
 
         total = probe.frames or (round(probe.duration * probe.rate) if probe.duration and probe.rate else None)
