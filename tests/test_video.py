@@ -19,7 +19,7 @@ from distillsr.engine.inputs import collect_inputs  # noqa: E402
 from distillsr.engine.shard import upscale_collection  # noqa: E402
 from distillsr.engine.upscaler import Upscaler  # noqa: E402
 from distillsr.engine.video import (VideoError, VideoOptions, check_video_options, probe_video,  # noqa: E402
-                                    upscale_video)
+                                    require_av, upscale_video)
 from distillsr.io import INPUT_EXTENSIONS, VIDEO_EXTENSIONS, read_image, write_image  # noqa: E402
 
 VFR_STEPS = (33, 50, 17)  # ms between frames of the variable-frame-rate clip
@@ -228,6 +228,12 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(tmp_path):
     made = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert made == [".distillsr-upscale.json", "good.mkv"]  # no partial or temporary file
     assert len(frames_of(tmp_path / "out" / "good.mkv")) == 20
+
+
+def test_without_pyav_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av then fails
+    with pytest.raises(VideoError, match=r"pip install distillsr\[video\]"):
+        require_av()
 
 
 def test_video_options_are_checked_before_any_work(tmp_path, capsys):

@@ -256,9 +256,9 @@ def probe_video(src: PathArg) -> VideoProbe:
             container.duration / 1e6 if container.duration else None)
         tag = vs.metadata.get("DURATION") or vs.metadata.get("duration")  # Matroska states it per stream
         stream_duration = float(vs.duration * vs.time_base) if vs.duration else _clock_seconds(tag)
-        return VideoProbe(stream_duration=stream_duration, width=first.width, height=first.height, pix_fmt=first.format.name, codec=cc.name,
+        return VideoProbe(width=first.width, height=first.height, pix_fmt=first.format.name, codec=cc.name,
                           time_base=vs.time_base, rate=Fraction(rate) if rate else None, frames=vs.frames or 0,
-                          duration=duration,
+                          duration=duration, stream_duration=stream_duration,
                           display_matrix=struct.unpack("<9i", bytes(matrix)) if matrix is not None else None,
                           sample_aspect_ratio=vs.sample_aspect_ratio or None, colour=colour)
 
