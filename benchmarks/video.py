@@ -8,6 +8,10 @@ the network alone (within this run, so it holds on a busy machine).
 
     python3 benchmarks/video.py                                 # e-rfdn-release x4, 480p, CPU
     python3 benchmarks/video.py --model asid --frames 4 --batch 1 4 --device cuda
+    python3 benchmarks/video.py --memory 20 200 --model bicubic --size 160x120
+
+``--memory N1 N2 ...``: instead, the peak memory (resident set) of a fresh process that
+upscales a clip of each length, to show that it does not grow with the clip's length.
 """
 from __future__ import annotations
 
@@ -54,6 +58,37 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> None:
             c.mux(p)
 
 
+def _peak_rss(args, frames: int, queue) -> None:
+    """In a fresh process: upscale a clip of ``frames`` frames, report the peak RSS in MiB."""
+    import resource
+    width, height = map(int, args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        make_clip(clip, width, height, frames)
+        device = select_device(args.device)
+        up = Upscaler(load_runner(args.model, args.scale, device=device), device,
+                      tile="auto" if args.tile == "auto" else int(args.tile))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res = upscale_video(clip, Path(tmp) / "out.mp4", up, check_video_options(codec=args.codec), progress=False)
+        queue.put((res.frames, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def memory(args) -> int:
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    print(f"{args.model} x{args.scale}, {args.size}, {args.codec}, device {args.device}: peak resident memory")
+    print("| frames | before the clip (MiB) | peak (MiB) |")
+    print("|--------|-----------------------|------------|")
+    for n in args.memory:
+        q = ctx.Queue()
+        proc = ctx.Process(target=_peak_rss, args=(args, n, q))
+        proc.start()
+        frames, before, peak = q.get()
+        proc.join()
+        print(f"| {frames:>6} | {before:>21.0f} | {peak:>10.0f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="e-rfdn-release", help="weights name, or bicubic")
@@ -64,7 +99,10 @@ def main(argv=None) -> int:
     p.add_argument("--codec", default="libx264")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tile", default="auto")
+    p.add_argument("--memory", type=int, nargs="+", default=None, metavar="FRAMES")
     args = p.parse_args(argv)
+    if args.memory:
+        return memory(args)
     width, height = map(int, args.size.lower().split("x"))
     device = select_device(args.device)
     runner = load_runner(args.model, args.scale, device=device)
