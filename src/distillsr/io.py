@@ -41,7 +41,7 @@ from PIL import Image
 
 __all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
            "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
-           "INPUT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
+           "INPUT_EXTENSIONS", "VIDEO_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,6 +50,10 @@ FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "jpeg": ("JPEG", ".j
            "webp": ("WEBP", ".webp"), "tiff": ("TIFF", ".tif"), "tif": ("TIFF", ".tif")}
 # every image file name ending that is read as an input (upscale, eval, degrade, training data)
 INPUT_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".pgm"})
+# every video file name ending that upscale reads (engine.video), with the FFmpeg muxer its
+# output is written with (the output keeps the input's container)
+VIDEO_EXTENSIONS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm",
+                    ".avi": "avi", ".ts": "mpegts", ".mts": "mpegts"}
 # inputs above this many pixels are refused unless the caller raises the limit (0 = no limit)
 DEFAULT_MAX_PIXELS = 50_000_000
 

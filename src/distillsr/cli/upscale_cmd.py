@@ -1,4 +1,5 @@
-"""``distillsr upscale``: upscale image files, folders and globs (see engine.upscale)."""
+"""``distillsr upscale``: upscale image and video files, folders and globs (see engine.upscale,
+engine.video), in one process or many under torchrun (engine.shard)."""
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,26 @@ def _tile(value: str):
     return n
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
+    return n
+
+
 def register(sub) -> None:
     from ..engine.upscale import BACKENDS, DEFAULT_BLEND, DEFAULT_OVERLAP
     from ..io import DEFAULT_MAX_PIXELS
-    p = sub.add_parser("upscale", help="upscale images (files, folders, globs)",
-                       description="Upscale images with a pretrained model or a checkpoint. Outputs keep "
-                       "the input's relative path, bit depth, alpha and ICC profile; each is written "
-                       "atomically. Exit status 1 when any input failed.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p = sub.add_parser("upscale", help="upscale images and videos (files, folders, globs)",
+                       description="Upscale images and videos with a pretrained model or a checkpoint. Outputs "
+                       "keep the input's relative path, bit depth, alpha and ICC profile (videos: container, "
+                       "timestamps, rotation, colour tags; audio and subtitles copied); each is written "
+                       "atomically. Under torchrun the inputs are shared between the processes. Exit status 1 "
+                       "when any input failed.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, folders or glob patterns")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--scale", type=int, choices=(2, 3, 4), default=None,
                    help="upscaling factor (default 4; with --weights, the checkpoint's)")
@@ -59,6 +72,18 @@ def register(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse inputs with more pixels (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v = p.add_argument_group("video (needs PyAV: pip install distillsr[video])")
+    v.add_argument("--codec", default=None, metavar="NAME",
+                   help="FFmpeg video encoder: libx264 (default; libvpx-vp9 for .webm), libx265, ffv1 "
+                   "(lossless), libx264rgb ...")
+    v.add_argument("--crf", type=int, default=None, metavar="N",
+                   help="constant rate factor for encoders that have one (default 18; lower = better)")
+    v.add_argument("--pix-fmt", default=None, metavar="FMT",
+                   help="output pixel format (default: the input's where the encoder takes it)")
+    v.add_argument("--batch", type=_positive, default=1, metavar="N",
+                   help="frames per network call (default 1; more can be faster on a GPU)")
+    p.add_argument("--summary", default=None, metavar="JSON",
+                   help="write the summary (merged over all processes under torchrun) as JSON")
     p.set_defaults(func=run)
 
 
@@ -83,7 +108,10 @@ def _default_weights(scale: int) -> str:
 def run(args) -> int:
     from ..checkpoint import CheckpointError
     from ..engine.inputs import check_output_dir, check_suffix
-    from ..engine.upscale import Upscaler, load_runner, select_device, upscale_files
+    from ..engine.shard import (Ranks, gather_reports, rank_device, split_cpu_threads, start_group,
+                                stop_group, upscale_collection, write_summary)
+    from ..engine.upscale import Upscaler, load_runner, select_device
+    from ..engine.video import VideoOptions, check_video_options
     from ..pretrained import PretrainedError
     if not 1 <= args.quality <= 100:
         print(f"error: --quality must be in 1..100, got {args.quality}", file=sys.stderr)
@@ -91,14 +119,19 @@ def run(args) -> int:
     try:  # options that would fail every image are refused before the model loads
         check_suffix(args.suffix)
         check_output_dir(args.output)
+        ranks = Ranks.from_env()
+        video = (check_video_options(args.codec, args.crf, args.pix_fmt, args.batch)
+                 if args.codec or args.crf is not None or args.pix_fmt else VideoOptions(batch=args.batch))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        device = select_device(args.device)
+        device = select_device(rank_device(args.device, ranks))
         if str(device) == "cpu":  # this process only upscales: keep freed maps for reuse
             from ..engine.profile import tune_cpu_allocator
             tune_cpu_allocator()
+            if ranks.distributed:
+                split_cpu_threads(ranks)
         scale = args.scale if args.scale is not None or args.weights else 4
         model = args.model
         if model is None and args.weights is None:
@@ -109,10 +142,19 @@ def run(args) -> int:
     except (CheckpointError, PretrainedError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = upscale_files(args.inputs, args.output, upscaler, format=args.format, suffix=args.suffix,
-                           overwrite=args.overwrite, recursive=args.recursive, quality=args.quality,
-                           max_pixels=args.max_pixels or None,
-                           progress=False if args.no_progress else None)
-    print(f"{'done' if report.ok else 'FAILED'}: {report.summary()}"
-          f" (x{upscaler.scale}, {getattr(runner, 'arch_name', type(runner).__name__)}, {device})")
+    start_group(ranks)
+    try:
+        report = upscale_collection(args.inputs, args.output, upscaler, ranks=ranks, video=video,
+                                    format=args.format, suffix=args.suffix, overwrite=args.overwrite,
+                                    recursive=args.recursive, quality=args.quality,
+                                    max_pixels=args.max_pixels or None, progress=False if args.no_progress else None)
+        report, summary = gather_reports(report, ranks)
+    finally:
+        stop_group()
+    if ranks.rank == 0:
+        procs = f", {ranks.world} processes" if ranks.distributed else ""
+        print(f"{'done' if report.ok else 'FAILED'}: {report.summary()}"
+              f" (x{upscaler.scale}, {getattr(runner, 'arch_name', type(runner).__name__)}, {device}{procs})")
+        if args.summary:
+            write_summary(args.summary, summary)
     return 0 if report.ok else 1

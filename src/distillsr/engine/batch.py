@@ -231,7 +231,8 @@ def upscale_files(inputs: Iterable[PathArg], out_dir: PathArg, upscaler: Upscale
                   format: Optional[str] = None, suffix: str = "", overwrite: bool = False,
                   recursive: bool = False, quality: int = 95,
                   max_pixels: Optional[int] = imgio.DEFAULT_MAX_PIXELS, progress: Optional[bool] = None,
-                  log: Callable[[str], None] = None) -> BatchReport:
+                  log: Callable[[str], None] = None,
+                  items: Optional[List[Tuple[Path, Path]]] = None) -> BatchReport:
     """Upscale files / folders / globs into ``out_dir`` keeping relative paths.
 
     An existing output is skipped when the folder's record says it was made from the same
@@ -239,14 +240,15 @@ def upscale_files(inputs: Iterable[PathArg], out_dir: PathArg, upscaler: Upscale
     upscale (a file of the user's); one made otherwise is made again. ``overwrite`` redoes
     all. Outputs of upscale met among the inputs are left out (:func:`collect_inputs`). Every
     failure is logged with the input's name and the batch goes on. ``progress`` None shows
-    bars on a terminal only.
+    bars on a terminal only. ``items``: ``(file, relative path)`` pairs gathered already
+    (``engine.shard``), used instead of gathering ``inputs``.
     """
     start = time.perf_counter()
     out_dir = _check_batch_options(format, suffix, out_dir)
     log = log or _default_log
     report = BatchReport()
     record = OutputRecord(out_dir, log)
-    items = _gather(inputs, out_dir, recursive, suffix, record, report, log)
+    items = _gather(inputs, out_dir, recursive, suffix, record, report, log) if items is None else list(items)
     jobs, refused = _plan_jobs(items, out_dir, format, suffix)
     identity = runner_identity(upscaler.runner)
     try:

@@ -69,7 +69,7 @@ class OwnOutputs:
 
 def collect_inputs(inputs: Iterable[PathArg], recursive: bool = False, *,
                    out_dir: Optional[PathArg] = None, suffix: str = "",
-                   own_outputs: Optional[OwnOutputs] = None
+                   own_outputs: Optional[OwnOutputs] = None, extensions: Optional[Iterable[str]] = None
                    ) -> Tuple[List[Tuple[Path, Path]], List[Tuple[str, str]]]:
     """Expand files, folders and glob patterns.
 
@@ -79,7 +79,11 @@ def collect_inputs(inputs: Iterable[PathArg], recursive: bool = False, *,
     ``(input, message)`` for inputs that match nothing. With ``out_dir``, files that folders
     and globs find in the output tree are left out when the tree lies inside the folder walked,
     or when their name ends with ``suffix`` (outputs of an earlier run); named files never are.
+    Folders and globs yield the files whose extension is in ``extensions`` (default: the
+    image formats, ``distillsr.io.INPUT_EXTENSIONS``).
     """
+    exts = frozenset(extensions) if extensions is not None else imgio.INPUT_EXTENSIONS
+    kind = "images" if exts <= imgio.INPUT_EXTENSIONS else "images or videos"
     own = own_outputs or OwnOutputs(out_dir, suffix)
     items: List[Tuple[Path, Path]] = []
     problems: List[Tuple[str, str]] = []
@@ -92,7 +96,7 @@ def collect_inputs(inputs: Iterable[PathArg], recursive: bool = False, *,
             items.append((path, rel))
 
     def is_image(p: Path) -> bool:
-        return p.is_file() and p.suffix.lower() in imgio.INPUT_EXTENSIONS and not p.name.startswith(".")
+        return p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
 
     for item in inputs:
         item = str(item)
@@ -101,7 +105,7 @@ def collect_inputs(inputs: Iterable[PathArg], recursive: bool = False, *,
             found = sorted(f for f in (p.rglob("*") if recursive else p.glob("*")) if is_image(f))
             files = [f for f in found if not own(f, p)]
             if not found:
-                problems.append((item, "folder holds no images (" + ", ".join(sorted(imgio.INPUT_EXTENSIONS))
+                problems.append((item, f"folder holds no {kind} (" + ", ".join(sorted(exts))
                                  + ")" + ("" if recursive else "; --recursive looks into sub-folders")))
             for f in files:
                 add(f, f.relative_to(p))
@@ -115,7 +119,7 @@ def collect_inputs(inputs: Iterable[PathArg], recursive: bool = False, *,
             found = [m for m in matches if is_image(m)]
             files = [f for f in found if not own(f, base)]
             if not found:
-                problems.append((item, "pattern matches no images"))
+                problems.append((item, f"pattern matches no {kind}"))
             for f in files:
                 add(f, f.relative_to(base))
         else:
