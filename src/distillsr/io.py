@@ -25,23 +25,27 @@ What is supported:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import struct
 import tempfile
+import time
 import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
            "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
-           "INPUT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
+           "INPUT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write",
+           "FileWriteError", "remove_stale_temp_files", "file_lock", "try_file_lock"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -381,27 +385,154 @@ def _umask() -> int:
     return mask
 
 
+class FileWriteError(OSError):
+    """A file that could not be written because of where it goes: a full disk, a read-only
+    folder. The message names the file; nothing was replaced and no partial file is left."""
+
+    def __init__(self, path: PathLike, code: int, detail: str = ""):
+        self.path = Path(path)
+        why = os.strerror(code).lower()
+        msg = f"{path}: cannot write it: {why}" + (f" ({detail})" if detail else "")
+        super().__init__(code, msg + "; nothing was replaced and no partial file was left")
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+# errors of the place a file goes rather than of its contents
+_PLACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _place_error(e: BaseException, folder: Path) -> Optional[int]:
+    """The errno when ``e`` (from any writer: Pillow, torch, safetensors...) comes from a full
+    or read-only file system, else None."""
+    if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
+        return e.errno
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:
+        return errno.ENOSPC
+    if "Read-only file system" in text or "os error 30" in text:
+        return errno.EROFS
+    try:  # writers that hide the OS error (torch's zip writer): look at the disk itself
+        if os.statvfs(folder).f_bavail == 0:
+            return errno.ENOSPC
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+# the temp files atomic_write makes: ".<name>.<pid>.<8 random chars>.part" (and, from older
+# versions, ".<name>.<8 random chars>.part"); the writer holds an flock on it while writing
+_TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?(?P<rand>[a-z0-9_]{8})\.part$")
+# a temp file untouched for this long is stale even when its writer's pid is in use (pid reuse)
+STALE_TEMP_SECONDS = 3600
+
+
 def atomic_write(path: PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` and rename the result onto ``path`` only if it succeeds.
 
     The temporary file lives beside ``path`` (same file system, so the rename is atomic) and
-    is removed on any error or interruption: no half-written output is ever left behind.
+    is removed on any error or interruption: no half-written output is ever left behind. Its
+    name carries the writer's pid, and the writer holds a lock on it while writing, so that
+    a process killed mid-write (SIGKILL, power loss) leaves a file that
+    :func:`remove_stale_temp_files` can tell from one still being written. A full or
+    read-only file system raises :class:`FileWriteError` naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
     try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        code = _place_error(e, path.parent)
+        if code is None:
+            raise
+        raise FileWriteError(path, code, str(path.parent)) from e
+    try:
+        _lock_nb(fd)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            write_fn(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            code = _place_error(e, path.parent) if isinstance(e, Exception) else None
+            if code is not None and not isinstance(e, FileWriteError):
+                raise FileWriteError(path, code) from e
+            raise
+    finally:
+        os.close(fd)
     return path
+
+
+def _lock_nb(fd: int) -> bool:
+    """Try to take an exclusive flock on ``fd`` without waiting; True when taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: PathLike) -> List[Path]:
+    """Remove the temp files that :func:`atomic_write` left in ``folder`` when its process was
+    killed mid-write; returns those removed.
+
+    Only files of atomic_write's own naming are considered, and only stale ones: no process
+    holds the writer's lock on it, and its writer's pid is no running process or it has
+    not changed for :data:`STALE_TEMP_SECONDS` (older unlocked names without a pid: only
+    the latter). A file another process is writing at this moment is never removed.
+    """
+    folder = Path(folder)
+    removed: List[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock_nb(fd):
+                continue  # its writer is alive and writing
+            st = os.fstat(fd)
+            old = now - st.st_mtime > STALE_TEMP_SECONDS
+            pid = m.group("pid")
+            if not (old or (pid is not None and not _pid_alive(int(pid)))):
+                continue
+            try:
+                if os.stat(entry.path, follow_symlinks=False).st_ino == st.st_ino:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def file_hash(path: PathLike, algo: str = "sha256", chunk: int = 1 << 20) -> str:
@@ -443,6 +574,35 @@ def file_lock(path: PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+class HeldLock:
+    """An exclusive lock taken by :func:`try_file_lock`; :meth:`release` gives it back (so does
+    the end of the process, however it ends)."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def try_file_lock(path: PathLike) -> Optional[HeldLock]:
+    """Take the lock of :func:`file_lock` on ``path`` (a folder or a lock file) without
+    waiting: a :class:`HeldLock`, or None when another process holds it."""
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    if _lock_nb(fd):
+        return HeldLock(fd, path)
+    os.close(fd)
+    return None
 
 
 def write_image(path: PathLike, image: np.ndarray, *, bit_depth: Optional[int] = None,

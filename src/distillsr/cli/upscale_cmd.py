@@ -109,10 +109,15 @@ def run(args) -> int:
     except (CheckpointError, PretrainedError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = upscale_files(args.inputs, args.output, upscaler, format=args.format, suffix=args.suffix,
-                           overwrite=args.overwrite, recursive=args.recursive, quality=args.quality,
-                           max_pixels=args.max_pixels or None,
-                           progress=False if args.no_progress else None)
+    from ..io import FileWriteError
+    try:
+        report = upscale_files(args.inputs, args.output, upscaler, format=args.format, suffix=args.suffix,
+                               overwrite=args.overwrite, recursive=args.recursive, quality=args.quality,
+                               max_pixels=args.max_pixels or None,
+                               progress=False if args.no_progress else None)
+    except FileWriteError as e:  # full disk, read-only folder: every further output would fail
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{'done' if report.ok else 'FAILED'}: {report.summary()}"
           f" (x{upscaler.scale}, {getattr(runner, 'arch_name', type(runner).__name__)}, {device})")
     return 0 if report.ok else 1

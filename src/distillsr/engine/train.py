@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, metadata_pixel_range, read_state_dict, recognise, save_model
-from ..io import atomic_write
+from ..io import atomic_write, try_file_lock
 from ..registry import create_model
 from .config import Config, ConfigError, check_data_paths, config_to_dict, dump_config
 from . import state as st
@@ -339,8 +339,13 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.resume_state = self._resolve_resume(resume)
-        self._build()
+        self._run_lock = self._lock_run_dir()
+        try:
+            self.resume_state = self._resolve_resume(resume)
+            self._build()
+        except BaseException:
+            self._release_run_lock()
+            raise
 
     # -- small helpers
     def log(self, msg: str) -> None:
@@ -354,6 +359,26 @@ class Trainer:
     def _barrier(self) -> None:
         if self.dist.enabled:
             dist.barrier()
+
+    def _lock_run_dir(self):
+        """One training per run folder: the main process holds a lock on it for the run's life
+        (dropped when the process ends, however it ends)."""
+        if not self.dist.is_main:
+            return None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = try_file_lock(self.run_dir)
+        except OSError as e:
+            raise TrainError(f"run folder {self.run_dir} cannot be written ({e.strerror or e})") from e
+        if lock is None:
+            raise TrainError(f"run folder {self.run_dir} is in use by another training (it holds the folder's "
+                             f"lock); wait for it to end, or choose another name (name=...) or out_dir")
+        return lock
+
+    def _release_run_lock(self) -> None:
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     def _resolve_resume(self, resume: Optional[str]):
         state = None
@@ -824,6 +849,7 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        self._release_run_lock()
         if self.dist.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
