@@ -261,17 +261,20 @@ def _read_png16(path: Path, im: Image.Image) -> Tuple[np.ndarray, ImageInfo]:
     return arr, ImageInfo(w, h, planes, 16, mode, "PNG", im.info.get("icc_profile") or None)
 
 
-def _read_tiff16(path: Path) -> Tuple[np.ndarray, ImageInfo, int]:
+def _read_tiff16(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo, int]:
     tifffile = _needs_optional("tifffile", "a 16-bit colour or grey+alpha TIFF", path)
     try:
         with tifffile.TiffFile(str(path)) as tf:
             page = tf.pages[0]
+            _check_pixels(path, int(page.imagewidth), int(page.imagelength), max_pixels)  # before decoding
             arr = page.asarray()
             axes = page.axes
             tags = page.tags
             icc = tags["InterColorProfile"].value if "InterColorProfile" in tags else None
             orientation = int(tags["Orientation"].value) if "Orientation" in tags else 1
             photometric = int(page.photometric)
+    except ImageReadError:
+        raise
     except Exception as e:  # tifffile raises many kinds
         raise ImageReadError(f"{path}: cannot read TIFF ({e})") from e
     if axes.startswith("S"):  # planar configuration "separate"
@@ -335,8 +338,7 @@ def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]
         im = Image.open(path)
     except Exception as e:
         if _is_tiff(path):  # e.g. a 16-bit RGB TIFF layout Pillow does not know
-            arr, info, orientation = _read_tiff16(path)
-            _check_pixels(path, info.width, info.height, max_pixels)
+            arr, info, orientation = _read_tiff16(path, max_pixels)
             return _oriented(arr, info, orientation)
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     with im:
@@ -348,7 +350,7 @@ def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]
             info.exif = exif
             return _oriented(arr, info, orientation)
         if im.format == "TIFF" and _tiff_is_deep_colour(im):
-            arr, info, orientation = _read_tiff16(path)
+            arr, info, orientation = _read_tiff16(path, max_pixels)
             return _oriented(arr, info, orientation)
         try:
             im.load()
