@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, metadata_pixel_range, read_state_dict, recognise, save_model
-from ..io import atomic_write, try_file_lock
+from ..io import atomic_write, remove_stale_temp_files, try_file_lock
 from ..registry import create_model
 from .config import Config, ConfigError, check_data_paths, config_to_dict, dump_config
 from . import state as st
@@ -373,6 +373,8 @@ class Trainer:
         if lock is None:
             raise TrainError(f"run folder {self.run_dir} is in use by another training (it holds the folder's "
                              f"lock); wait for it to end, or choose another name (name=...) or out_dir")
+        for p in remove_stale_temp_files(self.run_dir):  # model / config / log writes of a killed run
+            self._log(f"removed {p.name}, the temp file of a run killed while writing")
         return lock
 
     def _release_run_lock(self) -> None:
