@@ -391,11 +391,12 @@ class FileWriteError(OSError):
     """A file that could not be written because of where it goes: a full disk, a read-only
     folder. The message names the file; nothing was replaced and no partial file is left."""
 
-    def __init__(self, path: PathLike, code: int, detail: str = ""):
+    def __init__(self, path: PathLike, code: int, detail: str = "",
+                 outcome: str = "nothing was replaced and no partial file was left"):
         self.path = Path(path)
         why = os.strerror(code).lower()
         msg = f"{path}: cannot write it: {why}" + (f" ({detail})" if detail else "")
-        super().__init__(code, msg + "; nothing was replaced and no partial file was left")
+        super().__init__(code, f"{msg}; {outcome}")
 
     def __str__(self) -> str:
         return self.args[1]
@@ -405,7 +406,7 @@ class FileWriteError(OSError):
 _PLACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
-def _place_error(e: BaseException, folder: Path) -> Optional[int]:
+def place_error(e: BaseException, folder: Path) -> Optional[int]:
     """The errno when ``e`` (from any writer: Pillow, torch, safetensors...) comes from a full
     or read-only file system, else None."""
     if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
@@ -445,7 +446,7 @@ def atomic_write(path: PathLike, write_fn) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
     except OSError as e:
-        code = _place_error(e, path.parent)
+        code = place_error(e, path.parent)
         if code is None:
             raise
         raise FileWriteError(path, code, str(path.parent)) from e
@@ -460,7 +461,7 @@ def atomic_write(path: PathLike, write_fn) -> Path:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-            code = _place_error(e, path.parent) if isinstance(e, Exception) else None
+            code = place_error(e, path.parent) if isinstance(e, Exception) else None
             if code is not None and not isinstance(e, FileWriteError):
                 raise FileWriteError(path, code) from e
             raise

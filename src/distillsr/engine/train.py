@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, metadata_pixel_range, read_state_dict, recognise, save_model
-from ..io import atomic_write, remove_stale_temp_files, try_file_lock
+from ..io import FileWriteError, atomic_write, place_error, remove_stale_temp_files, try_file_lock
 from ..registry import create_model
 from .config import Config, ConfigError, check_data_paths, config_to_dict, dump_config
 from . import state as st
@@ -232,8 +232,14 @@ class _CsvLog:
         atomic_write(path, write)
 
     def write(self, **row) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        except OSError as e:
+            code = place_error(e, self.path.parent)
+            if code is None:
+                raise
+            raise FileWriteError(self.path, code, outcome="the rows written before are kept") from e
 
 
 def _tensorboard(path: Path):
