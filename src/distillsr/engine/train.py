@@ -351,6 +351,11 @@ class Trainer:
             self._build()
         except BaseException:
             self._release_run_lock()
+            for d in self._made_dirs:  # deepest first; only while still empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
             raise
 
     # -- small helpers
@@ -369,8 +374,13 @@ class Trainer:
     def _lock_run_dir(self):
         """One training per run folder: the main process holds a lock on it for the run's life
         (dropped when the process ends, however it ends)."""
+        self._made_dirs = []  # folders made here, removed again if the run cannot start
         if not self.dist.is_main:
             return None
+        p = self.run_dir.absolute()
+        while not p.exists() and p != p.parent:
+            self._made_dirs.append(p)
+            p = p.parent
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             lock = try_file_lock(self.run_dir)
