@@ -52,6 +52,14 @@ class ForkServer:
             raise RuntimeError("fork server ended")
         return json.loads(line)
 
+    def run_together(self, argvs: List[List[str]], log: Optional[Path] = None, timeout: float = 120) -> List[int]:
+        """Run several commands at once, each in its own child; their exit statuses."""
+        req = {"together": argvs, "slow_rename": 0.0, "log": str(log) if log else os.devnull, "env": {},
+               "timeout": timeout}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["codes"]
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -113,6 +121,17 @@ def serve() -> None:
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
+        if "together" in req:
+            pids = []
+            for argv in req["together"]:
+                pid = os.fork()
+                if pid == 0:
+                    _child(dict(req, argv=argv))
+                pids.append(pid)
+            codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+            out.write(json.dumps({"codes": codes}) + "\n")
+            out.flush()
+            continue
         t0 = time.monotonic()
         pid = os.fork()
         if pid == 0:

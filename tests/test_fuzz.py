@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
 import fuzz_targets as ft
 from distillsr.checkpoint import CheckpointError, load_model

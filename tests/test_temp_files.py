@@ -5,7 +5,6 @@ import fcntl
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
