@@ -138,6 +138,7 @@ def test_read_only_output_folder_is_refused_before_any_work(tmp_path, capsys, da
     ro = tmp_path / "ro"
     _mount(ro, "1m")
     try:
+        (ro / "runs" / "old").mkdir(parents=True)  # a run folder made before the remount
         p = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, text=True)
         if p.returncode:
             pytest.skip(f"cannot remount read-only here ({p.stderr.strip()})")
@@ -148,8 +149,9 @@ def test_read_only_output_folder_is_refused_before_any_work(tmp_path, capsys, da
         err = capsys.readouterr().err
         assert code == 2 and "cannot be written" in err and "read-only" in err, err
         assert "none.safetensors" not in err
-        with pytest.raises(TrainError, match="cannot be written"):
-            train(_cfg(ro, data, name="run"), **QUIET)
+        for name in ("run", "old"):
+            with pytest.raises(TrainError, match=f"{name} cannot be written.*read-only"):
+                train(_cfg(ro, data, name=name), **QUIET)
     finally:
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import math
 import os
 import signal
@@ -383,9 +384,12 @@ class Trainer:
             p = p.parent
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.run_dir, os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, "read-only file system" if os.statvfs(self.run_dir).f_flag & os.ST_RDONLY
+                              else "no write permission")
             lock = try_file_lock(self.run_dir)
         except OSError as e:
-            raise TrainError(f"run folder {self.run_dir} cannot be written ({e.strerror or e})") from e
+            raise TrainError(f"run folder {self.run_dir} cannot be written ({(e.strerror or str(e)).lower()})") from e
         if lock is None:
             raise TrainError(f"run folder {self.run_dir} is in use by another training (it holds the folder's "
                              f"lock); wait for it to end, or choose another name (name=...) or out_dir")
