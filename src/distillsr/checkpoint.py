@@ -161,20 +161,54 @@ def metadata_pixel_range(meta: Mapping[str, str]) -> Tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _from_metadata(meta: Mapping[str, str], sd: StateDict, path: Path) -> Recognised:
+    """What our own metadata says the file holds; unreadable metadata is a CheckpointError."""
+    try:
+        options = json.loads(meta.get("distillsr.options") or "{}")
+        if not isinstance(options, dict):
+            raise ValueError(f"distillsr.options {options!r} is not a mapping")
+        scale = int(meta.get("distillsr.scale", ""))
+        pixel_range = metadata_pixel_range(meta)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable distillsr metadata ({e})") from e
+    return Recognised(meta["distillsr.arch"], scale, sd, options, pixel_range, "distillsr")
+
+
+def _build_checked(rec: Recognised, path: Path) -> torch.nn.Module:
+    """The network for ``rec``, built first without memory ("meta" tensors) to compare its
+    tensors with the file's: options from a file can then never allocate more than the file
+    holds."""
+    try:
+        with torch.device("meta"):
+            shell = create_model(rec.arch, rec.scale, **rec.options)
+        want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    except Exception as e:  # unknown arch, bad scale or options: any error of a builder
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from e
+    have = {k: tuple(v.shape) for k, v in rec.state_dict.items()}
+    if want != have:
+        missing = [k for k in want if k not in have]
+        extra = [k for k in have if k not in want]
+        shapes = [f"{k} {have[k]} (needs {want[k]})" for k in want if k in have and have[k] != want[k]]
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(extra[:3])}" if extra else "",
+            f"shapes {', '.join(shapes[:3])}" if shapes else "") if part)
+        raise CheckpointError(f"{path}: weights do not fit {rec.arch} x{rec.scale}: {detail}")
+    try:
+        return create_model(rec.arch, rec.scale, **rec.options)
+    except Exception as e:
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from e
+
+
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
     """Load any supported checkpoint into a ready model (eval mode, [0, 1] in/out)."""
     path = Path(path)
     sd, meta = read_state_dict(path)
     if "distillsr.arch" in meta:
-        options = json.loads(meta.get("distillsr.options", "{}"))
-        rec = Recognised(meta["distillsr.arch"], int(meta["distillsr.scale"]), sd, options,
-                         metadata_pixel_range(meta), "distillsr")
+        rec = _from_metadata(meta, sd, path)
     else:
         rec = recognise(sd, path)
-    try:
-        model = create_model(rec.arch, rec.scale, **rec.options)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    model = _build_checked(rec, path)
     try:
         model.load_state_dict(rec.state_dict, strict=True)
     except RuntimeError as e:

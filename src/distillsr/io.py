@@ -25,23 +25,27 @@ What is supported:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import struct
 import tempfile
+import time
 import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
            "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
-           "INPUT_EXTENSIONS", "VIDEO_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write"]
+           "INPUT_EXTENSIONS", "VIDEO_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write",
+           "FileWriteError", "remove_stale_temp_files", "file_lock", "try_file_lock"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -261,17 +265,20 @@ def _read_png16(path: Path, im: Image.Image) -> Tuple[np.ndarray, ImageInfo]:
     return arr, ImageInfo(w, h, planes, 16, mode, "PNG", im.info.get("icc_profile") or None)
 
 
-def _read_tiff16(path: Path) -> Tuple[np.ndarray, ImageInfo, int]:
+def _read_tiff16(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo, int]:
     tifffile = _needs_optional("tifffile", "a 16-bit colour or grey+alpha TIFF", path)
     try:
         with tifffile.TiffFile(str(path)) as tf:
             page = tf.pages[0]
+            _check_pixels(path, int(page.imagewidth), int(page.imagelength), max_pixels)  # before decoding
             arr = page.asarray()
             axes = page.axes
             tags = page.tags
             icc = tags["InterColorProfile"].value if "InterColorProfile" in tags else None
             orientation = int(tags["Orientation"].value) if "Orientation" in tags else 1
             photometric = int(page.photometric)
+    except ImageReadError:
+        raise
     except Exception as e:  # tifffile raises many kinds
         raise ImageReadError(f"{path}: cannot read TIFF ({e})") from e
     if axes.startswith("S"):  # planar configuration "separate"
@@ -335,8 +342,7 @@ def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]
         im = Image.open(path)
     except Exception as e:
         if _is_tiff(path):  # e.g. a 16-bit RGB TIFF layout Pillow does not know
-            arr, info, orientation = _read_tiff16(path)
-            _check_pixels(path, info.width, info.height, max_pixels)
+            arr, info, orientation = _read_tiff16(path, max_pixels)
             return _oriented(arr, info, orientation)
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     with im:
@@ -348,7 +354,7 @@ def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]
             info.exif = exif
             return _oriented(arr, info, orientation)
         if im.format == "TIFF" and _tiff_is_deep_colour(im):
-            arr, info, orientation = _read_tiff16(path)
+            arr, info, orientation = _read_tiff16(path, max_pixels)
             return _oriented(arr, info, orientation)
         try:
             im.load()
@@ -385,27 +391,155 @@ def _umask() -> int:
     return mask
 
 
+class FileWriteError(OSError):
+    """A file that could not be written because of where it goes: a full disk, a read-only
+    folder. The message names the file; nothing was replaced and no partial file is left."""
+
+    def __init__(self, path: PathLike, code: int, detail: str = "",
+                 outcome: str = "nothing was replaced and no partial file was left"):
+        self.path = Path(path)
+        why = os.strerror(code).lower()
+        msg = f"{path}: cannot write it: {why}" + (f" ({detail})" if detail else "")
+        super().__init__(code, f"{msg}; {outcome}")
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+# errors of the place a file goes rather than of its contents
+_PLACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def place_error(e: BaseException, folder: Path) -> Optional[int]:
+    """The errno when ``e`` (from any writer: Pillow, torch, safetensors...) comes from a full
+    or read-only file system, else None."""
+    if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
+        return e.errno
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:
+        return errno.ENOSPC
+    if "Read-only file system" in text or "os error 30" in text:
+        return errno.EROFS
+    try:  # writers that hide the OS error (torch's zip writer): look at the disk itself
+        if os.statvfs(folder).f_bavail == 0:
+            return errno.ENOSPC
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+# the temp files atomic_write makes: ".<name>.<pid>.<8 random chars>.part" (and, from older
+# versions, ".<name>.<8 random chars>.part"); the writer holds an flock on it while writing
+_TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?(?P<rand>[a-z0-9_]{8})\.part$")
+# a temp file untouched for this long is stale even when its writer's pid is in use (pid reuse)
+STALE_TEMP_SECONDS = 3600
+
+
 def atomic_write(path: PathLike, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` and rename the result onto ``path`` only if it succeeds.
 
     The temporary file lives beside ``path`` (same file system, so the rename is atomic) and
-    is removed on any error or interruption: no half-written output is ever left behind.
+    is removed on any error or interruption: no half-written output is ever left behind. Its
+    name carries the writer's pid, and the writer holds a lock on it while writing, so that
+    a process killed mid-write (SIGKILL, power loss) leaves a file that
+    :func:`remove_stale_temp_files` can tell from one still being written. A full or
+    read-only file system raises :class:`FileWriteError` naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
     try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        code = place_error(e, path.parent)
+        if code is None:
+            raise
+        raise FileWriteError(path, code, str(path.parent)) from e
+    try:
+        _lock_nb(fd)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            write_fn(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            code = place_error(e, path.parent) if isinstance(e, Exception) else None
+            if code is not None and not isinstance(e, FileWriteError):
+                raise FileWriteError(path, code) from e
+            raise
+    finally:
+        os.close(fd)
     return path
+
+
+def _lock_nb(fd: int) -> bool:
+    """Try to take an exclusive flock on ``fd`` without waiting; True when taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: PathLike) -> List[Path]:
+    """Remove the temp files that :func:`atomic_write` left in ``folder`` when its process was
+    killed mid-write; returns those removed.
+
+    Only files of atomic_write's own naming are considered, and only stale ones: no process
+    holds the writer's lock on it, and its writer's pid is no running process or it has
+    not changed for :data:`STALE_TEMP_SECONDS` (older unlocked names without a pid: only
+    the latter). A file another process is writing at this moment is never removed.
+    """
+    folder = Path(folder)
+    removed: List[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock_nb(fd):
+                continue  # its writer is alive and writing
+            st = os.fstat(fd)
+            old = now - st.st_mtime > STALE_TEMP_SECONDS
+            pid = m.group("pid")
+            if not (old or (pid is not None and not _pid_alive(int(pid)))):
+                continue
+            try:
+                if os.stat(entry.path, follow_symlinks=False).st_ino == st.st_ino:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def file_hash(path: PathLike, algo: str = "sha256", chunk: int = 1 << 20) -> str:
@@ -447,6 +581,35 @@ def file_lock(path: PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+class HeldLock:
+    """An exclusive lock taken by :func:`try_file_lock`; :meth:`release` gives it back (so does
+    the end of the process, however it ends)."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def try_file_lock(path: PathLike) -> Optional[HeldLock]:
+    """Take the lock of :func:`file_lock` on ``path`` (a folder or a lock file) without
+    waiting: a :class:`HeldLock`, or None when another process holds it."""
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    if _lock_nb(fd):
+        return HeldLock(fd, path)
+    os.close(fd)
+    return None
 
 
 def write_image(path: PathLike, image: np.ndarray, *, bit_depth: Optional[int] = None,

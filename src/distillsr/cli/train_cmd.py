@@ -56,12 +56,13 @@ def run(args) -> int:
     from ..data.train_data import DataError
     from ..engine.train import TrainError, train
     from ..checkpoint import CheckpointError
+    from ..io import FileWriteError
     try:
         result = train(cfg, resume=args.resume)
     except ConfigError as e:  # a setting that does not fit (e.g. the checkpoint resumed from)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (DataError, TrainError, CheckpointError) as e:
+    except (DataError, TrainError, CheckpointError, FileWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0 if result.completed else 130

@@ -142,6 +142,7 @@ def run(args) -> int:
     except (CheckpointError, PretrainedError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from ..io import FileWriteError
     start_group(ranks)
     try:
         report = upscale_collection(args.inputs, args.output, upscaler, ranks=ranks, video=video,
@@ -149,6 +150,9 @@ def run(args) -> int:
                                     recursive=args.recursive, quality=args.quality,
                                     max_pixels=args.max_pixels or None, progress=False if args.no_progress else None)
         report, summary = gather_reports(report, ranks)
+    except FileWriteError as e:  # full disk, read-only folder: every further output would fail
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         stop_group()
     if ranks.rank == 0:

@@ -177,6 +177,8 @@ def _run_job(job: _Job, upscaler: Upscaler, report: BatchReport, log: Callable[[
     except (ImageReadError, ImageWriteError) as e:
         report.failed.append((str(job.src), str(e)))
         log(f"error: {e}")
+    except imgio.FileWriteError:  # a full or read-only disk fails every output: stop the batch
+        raise
     except Exception as e:  # out of memory, a model error ...: report, go on
         oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError))
         hint = "; try a smaller --tile" if oom else ""
@@ -250,6 +252,9 @@ def upscale_files(inputs: Iterable[PathArg], out_dir: PathArg, upscaler: Upscale
     record = OutputRecord(out_dir, log)
     items = _gather(inputs, out_dir, recursive, suffix, record, report, log) if items is None else list(items)
     jobs, refused = _plan_jobs(items, out_dir, format, suffix)
+    for folder in sorted({job.dst.parent for job in jobs}):  # temp files of runs killed mid-write
+        for p in imgio.remove_stale_temp_files(folder):
+            log(f"note: removed {p}, the temp file of a run killed while writing")
     identity = runner_identity(upscaler.runner)
     try:
         with _progress(len(jobs), progress) as (images_bar, tiles_bar):

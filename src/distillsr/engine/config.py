@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,20 +183,25 @@ def _coerce(value, tp, key: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
         try:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)  # YAML reads 5e-4 (no dot) as a string
-        except ValueError:
+            f = float(value)  # YAML reads 5e-4 (no dot) as a string
+        except (ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if value is None:
             return ""

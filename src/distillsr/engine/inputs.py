@@ -24,16 +24,29 @@ def check_suffix(suffix: str) -> str:
 
 
 def check_output_dir(out_dir: PathArg) -> Path:
-    """The output folder: refused when it, or a folder above it, is an existing file."""
+    """The output folder: refused when it, or a folder above it, is an existing file, or when
+    it (or, not made yet, the nearest folder above it) cannot be written, e.g. on a read-only
+    file system."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is an existing file; -o takes a folder")
-    for above in out.parents:
+    for above in [out, *out.parents]:
         if above.exists():
             if not above.is_dir():
                 raise ValueError(f"output folder {out}: {above} is an existing file, not a folder")
+            if not os.access(above, os.W_OK | os.X_OK):
+                how = "a read-only file system" if _read_only_fs(above) else "no write permission"
+                which = "it" if above == out else f"{above}, where it would be made"
+                raise ValueError(f"output folder {out} cannot be written ({which}: {how})")
             break
     return out
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------- inputs

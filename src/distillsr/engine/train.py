@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import math
 import os
 import signal
@@ -39,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, metadata_pixel_range, read_state_dict, recognise, save_model
-from ..io import atomic_write
+from ..io import FileWriteError, atomic_write, place_error, remove_stale_temp_files, try_file_lock
 from ..registry import create_model
 from .config import Config, ConfigError, check_data_paths, config_to_dict, dump_config
 from . import state as st
@@ -232,8 +233,14 @@ class _CsvLog:
         atomic_write(path, write)
 
     def write(self, **row) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        except OSError as e:
+            code = place_error(e, self.path.parent)
+            if code is None:
+                raise
+            raise FileWriteError(self.path, code, outcome="the rows written before are kept") from e
 
 
 def _tensorboard(path: Path):
@@ -339,8 +346,18 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.resume_state = self._resolve_resume(resume)
-        self._build()
+        self._run_lock = self._lock_run_dir()
+        try:
+            self.resume_state = self._resolve_resume(resume)
+            self._build()
+        except BaseException:
+            self._release_run_lock()
+            for d in self._made_dirs:  # deepest first; only while still empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
 
     # -- small helpers
     def log(self, msg: str) -> None:
@@ -354,6 +371,36 @@ class Trainer:
     def _barrier(self) -> None:
         if self.dist.enabled:
             dist.barrier()
+
+    def _lock_run_dir(self):
+        """One training per run folder: the main process holds a lock on it for the run's life
+        (dropped when the process ends, however it ends)."""
+        self._made_dirs = []  # folders made here, removed again if the run cannot start
+        if not self.dist.is_main:
+            return None
+        p = self.run_dir.absolute()
+        while not p.exists() and p != p.parent:
+            self._made_dirs.append(p)
+            p = p.parent
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.run_dir, os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, "read-only file system" if os.statvfs(self.run_dir).f_flag & os.ST_RDONLY
+                              else "no write permission")
+            lock = try_file_lock(self.run_dir)
+        except OSError as e:
+            raise TrainError(f"run folder {self.run_dir} cannot be written ({(e.strerror or str(e)).lower()})") from e
+        if lock is None:
+            raise TrainError(f"run folder {self.run_dir} is in use by another training (it holds the folder's "
+                             f"lock); wait for it to end, or choose another name (name=...) or out_dir")
+        for p in remove_stale_temp_files(self.run_dir):  # model / config / log writes of a killed run
+            self._log(f"removed {p.name}, the temp file of a run killed while writing")
+        return lock
+
+    def _release_run_lock(self) -> None:
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     def _resolve_resume(self, resume: Optional[str]):
         state = None
@@ -824,6 +871,7 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        self._release_run_lock()
         if self.dist.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
