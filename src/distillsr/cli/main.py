@@ -12,6 +12,7 @@ from typing import List, Optional
 
 # sub-command modules, in the order ``--help`` lists them
 COMMANDS = ["upscale", "models", "weights", "eval", "degrade", "train", "data", "profile", "export", "ship"]
+COMMANDS += ["serve"]  # distillsr serve: the HTTP service (serve_cmd.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
