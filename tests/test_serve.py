@@ -118,9 +118,25 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server_cache(tmp_path_factory):
-    """An empty cache (no pulled weights) that both servers share, so the CPU kernels are
-    compiled once."""
-    return tmp_path_factory.mktemp("serve-cache")
+    """A cache without pulled weights that both servers share, holding the CPU kernels this
+    process has built (built here first if not yet): they are compiled once, not per process."""
+    import shutil
+    from distillsr import kernels
+    cache = tmp_path_factory.mktemp("serve-cache")
+    saved = os.environ.get("DISTILLSR_CACHE")
+    os.environ["DISTILLSR_CACHE"] = str(cache)
+    try:
+        kernels.built()
+    finally:
+        if saved is None:
+            del os.environ["DISTILLSR_CACHE"]
+        else:
+            os.environ["DISTILLSR_CACHE"] = saved
+    lib = getattr(kernels._lib, "_name", None)
+    if lib and Path(lib).parent != cache / "kernels":  # built before, elsewhere: the same file
+        (cache / "kernels").mkdir(exist_ok=True)
+        shutil.copy2(lib, cache / "kernels" / Path(lib).name)
+    return cache
 
 
 @pytest.fixture(scope="module")
