@@ -43,6 +43,23 @@ def png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def in_process_rate(image: bytes, args, n: int) -> float:
+    """Images per second of the same job without HTTP: ``Upscaler.upscale_file`` in this
+    process, as many torch threads as the server."""
+    import torch
+    from distillsr.engine.upscale import Upscaler, load_runner
+    torch.set_num_threads(args.threads)
+    up = Upscaler(load_runner(args.model, args.scale, device="cpu"), "cpu")
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d, "in.png"), Path(d, "out.png")
+        src.write_bytes(image)
+        up.upscale_file(src, dst)  # warm-up (and the tile choice's probe)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            up.upscale_file(src, dst)
+        return n / (time.perf_counter() - t0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
@@ -119,6 +136,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(timeout=30)
 
+    base = in_process_rate(images[0], args, n=10)
     codes = [s for s, _, _ in records]
     served = [dt for s, dt, _ in records if s == 200]
     rejected = [dt for s, dt, _ in records if s in (429, 503)]
@@ -138,6 +156,7 @@ def main() -> int:
         ("latency of 200s p50 / p99", f"{pct(served, 50)} / {pct(served, 99)}"),
         ("latency of 429s p50 / p99", f"{pct(rejected, 50)} / {pct(rejected, 99)}"),
         ("server RSS before / after", f"{rss0:.0f} MB / {rss1:.0f} MB"),
+        ("same job in-process, images/s", f"{base:.1f} (Upscaler.upscale_file, no HTTP, after the load)"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
