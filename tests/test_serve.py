@@ -249,6 +249,21 @@ def test_format_choice_multipart_and_icc(main_server):
     assert im.format == "WEBP" and im.size == (48, 48) and im.info.get("icc_profile") == srgb
     r = main_server.post(encode(arr, format="JPEG"), scale=2, model="asid")
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).format == "JPEG"
+    # the format comes from the bytes, not the name: a PNG called .jpg comes back PNG
+    r = httpx.post(main_server.url + "/v1/upscale", params={"scale": 2, "model": "asid"},
+                   files={"image": ("photo.jpg", data, "image/jpeg")}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).format == "PNG"
+
+
+def test_format_is_sniffed_from_the_first_bytes():
+    img = Image.fromarray(rand_image(8, 8, 3, seed=14))
+    for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "PPM"):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        assert imgio.sniff_format(buf.getvalue()[:16]) == fmt
+    for junk in (b"", b"GIF89a\x01\x00", b"RIFF\x00\x00\x00\x00WAVE", b"P7 332", b"<html>"):
+        assert imgio.sniff_format(junk) is None
 
 
 # ----------------------------------------------------------------------------- under load

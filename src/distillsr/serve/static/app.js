@@ -140,7 +140,8 @@ function layout() {
   }
   frame.style.width = Math.round(w) + "px";
   frame.style.height = Math.round(h) + "px";
-  frame.classList.toggle("pixels", z !== "fit" && parseFloat(z) >= 2);
+  // enlarged on screen: show the result's pixels as squares too, not smoothed by the browser
+  frame.classList.toggle("pixels", (w / state.out.w) * (window.devicePixelRatio || 1) >= 1.5);
 }
 
 function setSplit(p) {
