@@ -1,8 +1,9 @@
 """distillsr serve: a real server process on 127.0.0.1, answering like the library, under load
 and bad input; the web page in headless Chromium.
 
-Two servers run for the module: ``main`` (the default x4 model, --max-queue 2, 1 MP and 1 MiB
-limits) and ``short`` (--timeout 0.5: body and compute timeouts). Load and correctness use the
+Two servers run for the module: ``main``, a process (the default x4 model, --max-queue 2, 1 MP
+and 1 MiB limits), and ``short``, uvicorn in a thread of this process (timeout 0.25 s: body and
+compute timeouts). Load and correctness use the
 small ASID x2 on small images.
 """
 import io
@@ -49,7 +50,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class _Api:
+    """What the tests ask of a running server at ``self.url``."""
+
+    def metrics(self) -> dict:
+        """The /metrics samples: 'name{labels}' -> value."""
+        out = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+        return out
+
+    def post(self, data: bytes, timeout=120, **params):
+        return httpx.post(self.url + "/v1/upscale", params=params, content=data, timeout=timeout)
+
+    def idle(self, timeout=120):
+        """Wait until no job is queued or running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.metrics()
+            if m["distillsr_queue_depth"] == 0 and m["distillsr_jobs_running"] == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError("the server stayed busy")
+
+
+class Server(_Api):
     """``python -m distillsr serve --port P ARGS`` with this checkout's code, an empty weights
     cache and no network; waits for /healthz."""
 
@@ -83,28 +110,6 @@ class Server:
     def rss_mb(self) -> float:
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
-
-    def metrics(self) -> dict:
-        """The /metrics samples: 'name{labels}' -> value."""
-        out = {}
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
-
-    def post(self, data: bytes, timeout=120, **params):
-        return httpx.post(self.url + "/v1/upscale", params=params, content=data, timeout=timeout)
-
-    def idle(self, timeout=120):
-        """Wait until no job is queued or running."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = self.metrics()
-            if m["distillsr_queue_depth"] == 0 and m["distillsr_jobs_running"] == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError("the server stayed busy")
 
     def stop(self):
         self.proc.terminate()
@@ -148,10 +153,40 @@ def main_server(tmp_path_factory, server_cache):
     assert srv.proc.returncode is not None
 
 
+class InProcessServer(_Api):
+    """``create_app(**options)`` served by uvicorn on 127.0.0.1 from a thread of this process
+    (a real socket, without starting another Python)."""
+
+    def __init__(self, **options):
+        import uvicorn
+        from distillsr.serve import create_app
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(**options), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
-def short_server(tmp_path_factory, server_cache):
-    srv = Server(tmp_path_factory.mktemp("serve-short"), server_cache, "--timeout", "0.5", "--model", "e-rfdn-release",
-                 "--device", "cpu")
+def short_server(server_cache):
+    saved = os.environ.get("DISTILLSR_CACHE")
+    os.environ["DISTILLSR_CACHE"] = str(server_cache)  # no pulled weights; the kernels built once
+    try:
+        srv = InProcessServer(model="e-rfdn-release", device="cpu", timeout=0.25)
+    finally:
+        if saved is None:
+            del os.environ["DISTILLSR_CACHE"]
+        else:
+            os.environ["DISTILLSR_CACHE"] = saved
     yield srv
     srv.stop()
 
@@ -446,7 +481,7 @@ def test_client_leaving_mid_body_and_before_compute(main_server):
     s.sendall(body[:100])
     s.close()
     # keep the worker busy with a big job, then queue a request and leave
-    busy_img = encode(rand_image(96, 96, 3, seed=8))
+    busy_img = encode(rand_image(192, 192, 3, seed=8))  # E-RFDN x4: busy well past the poll
     worker = threading.Thread(target=lambda: main_server.post(busy_img, scale=4))
     worker.start()
     deadline = time.monotonic() + 60
@@ -454,26 +489,27 @@ def test_client_leaving_mid_body_and_before_compute(main_server):
         time.sleep(0.02)
     s = _raw_request(main_server.port, body)
     s.sendall(body)
-    time.sleep(0.3)
+    time.sleep(0.05)
     s.close()
     worker.join(timeout=300)
     main_server.idle()
     m1 = main_server.metrics()
     gone = m1.get('distillsr_requests_total{status="499"}', 0) - m0.get('distillsr_requests_total{status="499"}', 0)
     assert gone == 2
-    assert m1["distillsr_pixels_processed_total"] - m0["distillsr_pixels_processed_total"] == 96 * 96
+    assert m1["distillsr_pixels_processed_total"] - m0["distillsr_pixels_processed_total"] == 192 * 192
     assert m1["distillsr_dropped_total"] - m0["distillsr_dropped_total"] <= 1
     assert httpx.get(main_server.url + "/healthz").status_code == 200
 
 
 def test_timeouts(short_server):
-    """--timeout 0.5: a body that stalls gets 408; a job that cannot finish in time gets 504."""
+    """Timeout 0.25 s: a body that stalls gets 408; a job that cannot finish in time (E-RFDN x4
+    of 192x192) gets 504."""
     body = encode(rand_image(12, 12, 3, seed=10))
     s = _raw_request(short_server.port, body)
     s.sendall(body[:50])
     assert _read_status(s) == 408
     s.close()
-    r = short_server.post(encode(rand_image(128, 128, 3, seed=11)), scale=4)
+    r = short_server.post(encode(rand_image(192, 192, 3, seed=11)), scale=4)
     _error(r, 504, "timeout")
     short_server.idle()
     assert short_server.metrics()['distillsr_requests_total{status="504"}'] == 1
