@@ -291,6 +291,23 @@ def test_format_choice_multipart_and_icc(main_server):
     assert Image.open(io.BytesIO(r.content)).format == "PNG"
 
 
+def test_exif_orientation_applied_and_exif_carried(main_server):
+    """As in the CLI: the EXIF orientation is applied (the answer is upright, without the tag)
+    and the other EXIF tags are carried."""
+    im = Image.fromarray(rand_image(12, 20, 3, seed=15))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    exif[0x013B] = "A. Photographer"
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    r = main_server.post(buf.getvalue(), scale=2, model="asid")
+    assert r.status_code == 200, r.text
+    out = Image.open(io.BytesIO(r.content))
+    assert out.format == "JPEG" and out.size == (24, 40)
+    tags = out.getexif()
+    assert tags.get(0x013B) == "A. Photographer" and tags.get(0x0112, 1) == 1
+
+
 def test_format_is_sniffed_from_the_first_bytes():
     img = Image.fromarray(rand_image(8, 8, 3, seed=14))
     for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "PPM"):
