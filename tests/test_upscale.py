@@ -145,10 +145,63 @@ def test_grey_and_alpha_handling():
     np.testing.assert_allclose(out, np.clip(ref, 0, 1), atol=1e-6)
     rgba = rand(9, 11, 4).astype(np.float32) / 255
     out = up.upscale_array(rgba, np.float32)
-    np.testing.assert_allclose(out[:, :, :3], np.clip(toy_reference(rgba[:, :, :3]), 0, 1), atol=1e-6)
     alpha = F.interpolate(torch.from_numpy(rgba[:, :, 3])[None, None], scale_factor=2, mode="bicubic",
                           align_corners=False)[0, 0].clamp(0, 1).numpy()
     np.testing.assert_allclose(out[:, :, 3], alpha, atol=1e-6)
+    # colour: the network's output on premultiplied colour, divided by the upscaled alpha
+    premul = toy_reference(rgba[:, :, :3] * rgba[:, :, 3:])
+    seen = alpha > 0.02  # (the division magnifies float rounding where alpha is tiny)
+    expect = np.clip(premul / np.where(alpha > 0, alpha, 1)[:, :, None], 0, 1)
+    np.testing.assert_allclose(out[:, :, :3][seen], expect[seen], atol=1e-5)
+    assert (out[:, :, :3][alpha == 0] == 0).all()
+
+
+def _edge_image(noise: bool):
+    """A 24 x 32 RGBA image: the left half opaque orange, the right half fully transparent,
+    with random noise (or the same orange) as the colour stored under alpha 0."""
+    rng = np.random.default_rng(5)
+    x = np.empty((24, 32, 4), np.uint8)
+    x[:, :, :3] = rng.integers(0, 256, (24, 32, 3)) if noise else (230, 120, 40)
+    x[:, :16, :3] = (230, 120, 40)
+    x[:, :, 3] = 0
+    x[:, :16, 3] = 255
+    return x
+
+
+def test_transparent_noise_leaves_no_fringe():
+    """Colour under alpha 0 is noise: premultiplied upscaling gives the visible pixels exactly
+    what an image with the opaque colour underneath gives (the hidden colour cannot leak into
+    the edge), where upscaling the straight colour (the old way) drags the noise into the
+    visible pixels along the edge."""
+    noisy, plain = _edge_image(noise=True), _edge_image(noise=False)
+    out = distillsr.upscale(noisy, 2, "asid", device="cpu")
+    ref = distillsr.upscale(plain, 2, "asid", device="cpu")
+    np.testing.assert_array_equal(out[:, :, 3], ref[:, :, 3])
+    visible = out[:, :, 3] > 0
+    assert visible[:, :33].all() and not visible[:, 40:].any()
+    diff = np.abs(out[:, :, :3].astype(int) - ref[:, :, :3].astype(int)).max(axis=2)
+    assert diff[visible].max() <= 1
+    # the straight colour: noise shows in the visible edge pixels
+    old_noisy = distillsr.upscale(noisy[:, :, :3], 2, "asid", device="cpu")
+    old_plain = distillsr.upscale(plain[:, :, :3], 2, "asid", device="cpu")
+    old_diff = np.abs(old_noisy.astype(int) - old_plain.astype(int)).max(axis=2)
+    assert old_diff[visible].max() > 40 and old_diff[:, 30:33].mean() > 10
+    # and inside the opaque part, away from the edge, the colour is the opaque colour
+    err = np.abs(out[4:-4, 4:26, :3].astype(int) - (230, 120, 40)).max()
+    assert err <= 6
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_opaque_alpha_changes_no_colour(dtype):
+    """Alpha 1 everywhere: the colour is exactly that of the image without alpha (16-bit too,
+    and at x3, where bicubic's weights sum to 1 only within float rounding)."""
+    peak = np.iinfo(dtype).max
+    rgb = (rand(10, 13, 3).astype(np.float64) / 255 * peak).astype(dtype)
+    rgba = np.concatenate([rgb, np.full((10, 13, 1), peak, dtype)], axis=2)
+    up = Upscaler(Toy(3), "cpu", tile=None)
+    a, b = up.upscale_array(rgba, dtype), up.upscale_array(rgb, dtype)
+    np.testing.assert_array_equal(a[:, :, :3], b)
+    assert (a[:, :, 3] == peak).all()
 
 
 def test_self_ensemble_is_the_mean_of_the_eight_transforms():
@@ -576,9 +629,9 @@ def _ramp(n, r, left, right):
     return w
 
 
-def whole_image_tiled(model, x, tile, overlap, blend):
+def whole_image_tiled(model, x, tile, overlap, blend, clip=True):
     """Reference: all tiles of the image blended at once (float64 sums), each tile side clamped
-    to its own axis. ``x`` is H x W x 3 float; returns the clipped H*s x W*s x 3 output."""
+    to its own axis. ``x`` is H x W x 3 float; returns the H*s x W*s x 3 output (clipped)."""
     h, w, _ = x.shape
     s = model.scale
     th, tw = min(tile, h), min(tile, w)
@@ -597,7 +650,7 @@ def whole_image_tiled(model, x, tile, overlap, blend):
                 wt = (wy[:, None] * wx[None, :])[:, :, None]
             acc[i * s:(i + th) * s, j * s:(j + tw) * s] += y * wt
             wsum[i * s:(i + th) * s, j * s:(j + tw) * s] += wt
-    return np.clip(acc / wsum, 0, 1)
+    return np.clip(acc / wsum, 0, 1) if clip else acc / wsum
 
 
 def clean_mask(length, tile, overlap, radius, scale):
@@ -628,9 +681,9 @@ def test_tile_rows_equal_the_whole_image_tiled_at_once(monkeypatch, blend, scale
     x = rand(53, 41, 4).astype(np.float32) / 255
     monkeypatch.setattr(upscaler_mod, "ALPHA_BAND_BYTES", 1)  # alpha one LR row per band
     up = Upscaler(model, "cpu", tile=16, tile_overlap=4, blend=blend)
-    tiled = up.upscale_array(x, np.float32)
+    tiled = up.upscale_array(x[:, :, :3], np.float32)
     assert up.last_tile == 16 and up.plan(53, 41) == (16, 16)
-    np.testing.assert_allclose(tiled[:, :, :3], whole_image_tiled(model, x[:, :, :3], 16, 4, blend), atol=1e-5)
+    np.testing.assert_allclose(tiled, whole_image_tiled(model, x[:, :, :3], 16, 4, blend), atol=1e-5)
     whole = model_output(model, x[:, :, :3])
     clean = np.outer(clean_mask(53, 16, 4, RADIUS, scale), clean_mask(41, 16, 4, RADIUS, scale))
     diff = np.abs(tiled[:, :, :3] - whole).max(axis=2)
@@ -638,8 +691,14 @@ def test_tile_rows_equal_the_whole_image_tiled_at_once(monkeypatch, blend, scale
     assert diff[~clean].max() > 1e-3  # tile edges do change the output: the checks above can fail
     alpha = F.interpolate(torch.from_numpy(x[:, :, 3])[None, None], scale_factor=scale, mode="bicubic",
                           align_corners=False)[0, 0].clamp(0, 1).numpy()
+    # with alpha: colour tiled premultiplied, divided by the alpha of its own band
+    rgba = up.upscale_array(x, np.float32)
     # 1e-5: a band's bicubic source coordinates (1/3 steps at x3) round apart from the whole image's
-    np.testing.assert_allclose(tiled[:, :, 3], alpha, atol=1e-5)
+    np.testing.assert_allclose(rgba[:, :, 3], alpha, atol=1e-5)
+    premul = whole_image_tiled(model, x[:, :, :3] * x[:, :, 3:], 16, 4, blend, clip=False)
+    expect = np.clip(premul / np.where(alpha > 0, alpha, 1)[:, :, None], 0, 1)
+    seen = alpha > 0.05
+    np.testing.assert_allclose(rgba[:, :, :3][seen], expect[seen], atol=1e-4)
 
 
 class Recording(torch.nn.Module):

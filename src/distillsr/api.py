@@ -59,7 +59,7 @@ def upscale(image, scale: int = 4, model: ModelArg = None, *, device: Union[str,
     them), a pretrained or release name (``distillsr models``; a release is pulled on first
     use), a checkpoint file, or a network (any ``SRNet``, e.g. from ``distillsr.load_model``). ``tile``: ``"auto"`` (whole image
     when it fits in memory), an int (LR pixels) or 0 (always whole). Alpha is upscaled
-    bicubically and re-attached; greyscale is run as RGB and averaged back.
+    bicubically and colour premultiplied by it (no fringes at transparent edges); greyscale is run as RGB and averaged back.
     """
     dev = select_device(device)
     up = Upscaler(_runner(model, scale, dev), dev, tile=tile, tile_overlap=tile_overlap, blend=blend,

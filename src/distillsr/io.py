@@ -42,10 +42,11 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageInfo", "ImageReadError", "ImageWriteError", "read_image", "read_image_native", "write_image",
+__all__ = ["ImageInfo", "ImageReadError", "ImageTooLargeError", "ImageWriteError", "read_image", "read_image_native", "write_image",
            "pil_to_array", "array_to_pil", "to_float", "from_float", "FORMATS",
            "INPUT_EXTENSIONS", "VIDEO_EXTENSIONS", "DEFAULT_MAX_PIXELS", "format_for_path", "atomic_write",
-           "FileWriteError", "remove_stale_temp_files", "file_lock", "try_file_lock"]
+           "FileWriteError", "remove_stale_temp_files", "file_lock", "try_file_lock", "sniff_format",
+           "check_pixels"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,6 +69,10 @@ _MODES_DROPPING_ICC = {"CMYK", "LAB", "YCbCr", "HSV"}
 
 class ImageReadError(ValueError):
     """An input that cannot be read (names the file and the problem)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An input with more pixels than the limit (found from its header, before decoding)."""
 
 
 class ImageWriteError(ValueError):
@@ -228,10 +233,28 @@ def _png_header(path: Path) -> Optional[Tuple[int, int]]:
     return head[24], head[25]
 
 
+def sniff_format(head: bytes) -> Optional[str]:
+    """The Pillow format name of an input from its first bytes (at least 12), whatever its name
+    says: PNG, JPEG, WEBP, TIFF, BMP or PPM (PPM / PGM); None for anything else."""
+    if head.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if head[:2] == b"BM":
+        return "BMP"
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+        return "PPM"
+    return None
+
+
 def _is_tiff(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+        head = f.read(12)
+    return sniff_format(head) == "TIFF"
 
 
 def _needs_optional(module: str, what: str, path: Path):
@@ -242,9 +265,11 @@ def _needs_optional(module: str, what: str, path: Path):
                              "(pip install \"distillsr[images16]\")") from None
 
 
-def _check_pixels(path: Path, w: int, h: int, max_pixels: Optional[int]) -> None:
+def check_pixels(path, w: int, h: int, max_pixels: Optional[int]) -> None:
+    """Raise :class:`ImageTooLargeError` (naming ``path``) when a ``w`` x ``h`` image has more
+    than ``max_pixels`` pixels (None or 0: no limit)."""
     if max_pixels and w * h > max_pixels:
-        raise ImageReadError(f"{path}: {w}x{h} = {w * h:,} pixels is more than the limit of "
+        raise ImageTooLargeError(f"{path}: {w}x{h} = {w * h:,} pixels is more than the limit of "
                              f"{max_pixels:,} (a decompression bomb?); raise the limit "
                              "(--max-pixels / max_pixels=) if you trust this file")
 
@@ -270,7 +295,7 @@ def _read_tiff16(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, Ima
     try:
         with tifffile.TiffFile(str(path)) as tf:
             page = tf.pages[0]
-            _check_pixels(path, int(page.imagewidth), int(page.imagelength), max_pixels)  # before decoding
+            check_pixels(path, int(page.imagewidth), int(page.imagelength), max_pixels)  # before decoding
             arr = page.asarray()
             axes = page.axes
             tags = page.tags
@@ -346,7 +371,7 @@ def _read(path: Path, max_pixels: Optional[int]) -> Tuple[np.ndarray, ImageInfo]
             return _oriented(arr, info, orientation)
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     with im:
-        _check_pixels(path, im.width, im.height, max_pixels)
+        check_pixels(path, im.width, im.height, max_pixels)
         png = _png_header(path)
         if png is not None and png[0] == 16 and png[1] in (2, 4, 6):
             arr, info = _read_png16(path, im)

@@ -11,7 +11,7 @@ from here or from their module):
 * ``engine.tiling``: :func:`choose_tile` picks the tile from the memory the device has free
   (``tile="auto"``), or ``None`` (the whole image at once) when that fits.
 * ``engine.upscaler``: :class:`Upscaler` upscales one float image array: greyscale is run as
-  RGB and averaged back, alpha is upscaled apart (bicubic) and re-attached, big images are
+  RGB and averaged back, alpha is upscaled apart (bicubic) and colour premultiplied by it, big images are
   processed in overlapping tiles so that memory stays bounded, optional x8 self-ensemble.
 * ``engine.inputs``: :func:`collect_inputs` expands files, folders and globs (leaving out
   outputs of upscale), :func:`output_path` names outputs.

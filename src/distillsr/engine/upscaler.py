@@ -1,7 +1,12 @@
 """One image through the network: :class:`Upscaler` upscales a float image array (greyscale is
-run as RGB and averaged back, alpha is upscaled apart with bicubic and re-attached, big
-images go through in overlapping tiles, one row of tiles at a time, optional x8 self-ensemble) and
-one file (:meth:`Upscaler.upscale_file`)."""
+run as RGB and averaged back, big images go through in overlapping tiles, one row of tiles at a
+time, optional x8 self-ensemble) and one file (:meth:`Upscaler.upscale_file`).
+
+Alpha: the alpha channel is upscaled apart with bicubic; the colour is run through the network
+premultiplied by alpha and divided by the upscaled alpha afterwards, so that the colour stored
+under fully transparent pixels (often noise or black) does not bleed into visible edges as a
+fringe. Opaque pixels are unchanged by this: an image whose alpha is 1 everywhere gives the
+same colour as the image without its alpha channel."""
 from __future__ import annotations
 
 import os
@@ -21,6 +26,9 @@ __all__ = ["Upscaler"]
 
 ALPHA_BAND_BYTES = 64 << 20  # float output of one band of the alpha channel's bicubic resize
 ALPHA_HALO = 2                # LR rows a bicubic output row reaches beyond its own (4 taps)
+# bicubic weights sum to 1 only within float32 rounding (x3 gives 0.9999994 on a constant 1):
+# upscaled alpha this close to 1 is opaque, so opaque colour is divided by exactly 1
+OPAQUE_EPS = 1e-5
 
 
 class _Counting:
@@ -102,12 +110,26 @@ class Upscaler:
 
     def _colour_rows(self, image: np.ndarray, cc: int):
         """``rows(a, b)``: the colour channels of image rows a:b as a 1 x 3 x (b-a) x W float
-        tensor on the device (grey repeated as RGB), converted only when asked for."""
+        tensor on the device (grey repeated as RGB), premultiplied by alpha when the image has
+        it, converted only when asked for."""
         def rows(a: int, b: int) -> torch.Tensor:
             band = np.ascontiguousarray(imgio.to_float(image[a:b, :, :cc]))
             x = torch.from_numpy(band).to(self.device).permute(2, 0, 1).unsqueeze(0)
+            if image.shape[2] > cc:
+                alpha = np.ascontiguousarray(imgio.to_float(image[a:b, :, cc]))
+                x = x * torch.from_numpy(alpha).to(self.device)
             return x.expand(-1, 3, -1, -1) if cc == 1 else x
         return rows
+
+    @staticmethod
+    def _unpremultiply(y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Colour premultiplied by alpha -> straight colour: ``y / alpha`` where the upscaled
+        alpha (clipped to [0, 1]) is above 0, 0 under fully transparent pixels; alpha within
+        ``OPAQUE_EPS`` of 1 counts as 1."""
+        a = alpha.clamp(0, 1)
+        a = torch.where(a > 1 - OPAQUE_EPS, torch.ones_like(a), a)
+        visible = a > 0
+        return torch.where(visible, y / torch.where(visible, a, torch.ones_like(a)), torch.zeros_like(y))
 
     def upscale_array(self, image: np.ndarray, out_dtype=np.float32, bar=None) -> np.ndarray:
         """H x W x C array (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; float in [0, 1], or uint8 /
@@ -137,6 +159,8 @@ class Upscaler:
             for r0, r1, y in parts:
                 if cc == 1:
                     y = y.mean(1, keepdim=True)
+                if c > cc:
+                    y = self._unpremultiply(y, self._alpha_rows(image[:, :, cc:], r0, r1))
                 out[r0 * s:r1 * s, :, :cc] = imgio.from_float(y[0].permute(1, 2, 0), out_dtype, inplace=True)
                 del y
             if c > cc:
@@ -152,12 +176,19 @@ class Upscaler:
         step = max(1, ALPHA_BAND_BYTES // (4 * s * s * w))
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
-            a, b = max(0, r0 - ALPHA_HALO), min(h, r1 + ALPHA_HALO)
-            band = torch.from_numpy(np.ascontiguousarray(imgio.to_float(alpha[a:b])))
-            band = band.to(self.device).permute(2, 0, 1).unsqueeze(0)
-            y = F.interpolate(band, scale_factor=s, mode="bicubic", align_corners=False)
-            y = y[:, :, (r0 - a) * s:(r1 - a) * s]
+            y = self._alpha_rows(alpha, r0, r1)
             out[r0 * s:r1 * s] = imgio.from_float(y[0].permute(1, 2, 0), out.dtype, inplace=True)
+
+    def _alpha_rows(self, alpha: np.ndarray, r0: int, r1: int) -> torch.Tensor:
+        """The bicubic x``scale`` of alpha rows r0:r1 (LR) as a 1 x 1 x (r1-r0)*s x W*s float
+        tensor on the device, read with ``ALPHA_HALO`` rows of context on either side: equal to
+        those rows of the whole-image resize."""
+        h, s = alpha.shape[0], self.scale
+        a, b = max(0, r0 - ALPHA_HALO), min(h, r1 + ALPHA_HALO)
+        band = torch.from_numpy(np.ascontiguousarray(imgio.to_float(alpha[a:b])))
+        band = band.to(self.device).permute(2, 0, 1).unsqueeze(0)
+        y = F.interpolate(band, scale_factor=s, mode="bicubic", align_corners=False)
+        return y[:, :, (r0 - a) * s:(r1 - a) * s]
 
     # -- files
     def upscale_file(self, src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
