@@ -77,10 +77,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     (a 1x1 conv or a linear layer; ``weight`` (out, in) or (out, in, 1, 1))."""
     w = weight.flatten(1)
     n, k = w.shape
-    if act is None and n >= 16 and (add is not None or k >= n) and c_kernels(x):
-        # small products (and those with a residual add) in the C kernel, faster than
-        # oneDNN there; GELU and the widening products stay with oneDNN
-        y = kernels.linear(x, w, bias, add=add)
+    if n >= 16 and c_kernels(x):
+        # the C kernel writes into the workspace's buffers, where oneDNN's outputs would be
+        # page-faulted in afresh at every call (see distillsr.kernels.workspace)
+        y = kernels.linear(x, w, bias, act, add)
         if y is not None:
             return y
     if onednn(x):
