@@ -22,7 +22,8 @@ Merges and fusions, by form:
 * ``ConvNHWC``: 1x1 convs in the small-product C kernel or oneDNN, others in oneDNN.
 * ``ASID``: the network runs each call with its workspace (``distillsr.kernels.workspace``)
   active, so that the maps of one call reuse the buffers of the previous one instead of
-  page-faulting fresh memory in.
+  page-faulting fresh memory in; ``fuse``'s output is summed into the shallow features'
+  memory.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def channel_matrices(m: paper.ChannelAttention, q: torch.Tensor, k: torch.Tensor
     scale = torch.mul(nq[:, :, None], nk[:, None, :], out=kernels.empty((g, c, c)))
     gram.mul_(torch.div(m.temperature, scale, out=scale))
     del scale
-    return torch.ops.aten._softmax.out(gram, -1, False, out=kernels.empty((g, c, c)))
+    return torch.softmax(gram, -1, out=kernels.empty((g, c, c)))
 
 
 def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torch.Tensor,
@@ -234,6 +235,15 @@ class FusedASID(FusedForm, paper.ASID):
         if ws is None:
             ws = self.__dict__.setdefault("_workspace", Workspace())
         return ws
+
+    def features(self, x: torch.Tensor):
+        if not (inference(x) and kernels.enabled):
+            return super().features(x)
+        f0 = paper._nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
+        y, first = self.body(f0)
+        f = paper._nchw(ops.conv_add_(self.fuse, y, f0))  # F_0 + fuse(F_N) in F_0's memory
+        # NCHW for the upsampler (see forward_native), into a workspace buffer
+        return kernels.empty(f.shape, f.dtype).copy_(f), first
 
     def forward_native(self, x):
         if not (inference(x) and kernels.enabled):
