@@ -25,7 +25,8 @@ minutes. FLOPs count every conv, linear and attention matmul (2 x MACs, see
 
 Implementations:
   fast   distillsr's model after ``prepare_for_inference()`` (NHWC, algebraic merges,
-         fused C kernels and oneDNN post-ops on the CPU, allocator tuned), as the CLI runs it
+         fused C kernels and oneDNN post-ops on the CPU, its workspace; the default
+         allocator), as the CLI runs it
   paper  distillsr's model without preparation (its paper modules, NHWC, op by op;
          allocator tuned): what training and export run
   plain  benchmarks/asid_plain.py: the release's way (NCHW, rearrange copies), same
@@ -90,7 +91,7 @@ def worker_infer(spec):
     import distillsr
     from distillsr.engine.profile import count_cost, input_size_for_output, peak_memory, tune_cpu_allocator
     name, scale, impl = spec["model"], spec["scale"], spec["impl"]
-    if impl in ("fast", "paper"):
+    if impl == "paper":
         tune_cpu_allocator()
     torch.manual_seed(0)
     model = distillsr.create_model(name, scale).eval()

@@ -198,7 +198,8 @@ def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
         assert calls == []
         model(x)
     assert set(names) <= set(calls)
-    assert not ops.HAS_ONEDNN or {"_linear_pointwise", "_convolution_pointwise"} <= set(calls)
+    # with the C kernels every 1x1 conv runs in C; oneDNN sums fuse's conv into F0
+    assert not ops.HAS_ONEDNN or "_convolution_pointwise_" in calls
 
 
 @pytest.mark.parametrize("d", [12, 24, 36])

@@ -96,9 +96,6 @@ def run(args) -> int:
         return 2
     try:
         device = select_device(args.device)
-        if str(device) == "cpu":  # this process only upscales: keep freed maps for reuse
-            from ..engine.profile import tune_cpu_allocator
-            tune_cpu_allocator()
         scale = args.scale if args.scale is not None or args.weights else 4
         model = args.model
         if model is None and args.weights is None:

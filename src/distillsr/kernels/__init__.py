@@ -11,8 +11,10 @@ slowly, for maps of 12-48 channels): LayerNorm over channels written straight in
 window/grid token order, the residual add back from tokens fused with the next LayerNorm,
 depthwise 3x3 convs with GELU or the GFN's gate (and the channel means SE needs), the
 attention output ``A v`` added into the map and normalised, a computing unit's scores, bias
-and softmax in one pass, and 1x1 convs of 12-48 output channels with bias or a residual
-add (where oneDNN reaches a third to a half of the machine's rate). The C file is
+and softmax in one pass, and 1x1 convs with bias, GELU, sigmoid or a residual add (12-48
+output channels in registers, where oneDNN reaches a third to a half of the machine's rate;
+wider products in column chunks), all writing into the workspace of the prepared model
+(``distillsr.kernels.workspace``). The C file is
 compiled once with the system C compiler (``$CC``, else ``cc``, else ``gcc``; flags
 ``-O3 -march=native -fopenmp``) into ``$DISTILLSR_CACHE/kernels`` (default
 ``~/.cache/distillsr/kernels``) and loaded with ctypes. Without a compiler, or when the

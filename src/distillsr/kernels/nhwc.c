@@ -642,20 +642,25 @@ ALWAYS_INLINE void linear_block(const float *x, long xs, const float *wt, const 
                     act, 1, NV, TAIL);
 }
 
-/* columns [c, c + nc) of rows [m0, m0 + 8), nc one of 12, 24, 36, 48 */
+/* columns [c, c + nc) of rows [m0, m0 + LIN_WIDE_ROWS), nc one of 12, 24, 36, 48 */
+#ifndef LIN_WIDE_ROWS
+#define LIN_WIDE_ROWS 8
+#endif
 static void linear_chunk(const float *x, long xs, const float *wt, const float *bias, const float *add,
                          long lda, float *y, long ldn, long m0, long M, int K, int act, int c, int nc) {
     const float *w = wt + c, *b = bias ? bias + c : NULL, *a = add ? add + c : NULL;
     float *yc = y + c;
-    if (nc == 48 || nc == 36) {
-        for (int r = 0; r < 8; r += 4) {
-            if (nc == 48) linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 4, 6, 0);
-            else linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 4, 4, 1);
+    for (int r = 0; r < LIN_WIDE_ROWS; r += 8) {
+        if (nc == 48 || nc == 36) {
+            for (int h = 0; h < 8; h += 4) {
+                if (nc == 48) linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r + h, M, K, act, 4, 6, 0);
+                else linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r + h, M, K, act, 4, 4, 1);
+            }
+        } else if (nc == 24) {
+            linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 8, 3, 0);
+        } else {
+            linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 8, 1, 1);
         }
-    } else if (nc == 24) {
-        linear_block(x, xs, w, b, a, lda, yc, ldn, m0, M, K, act, 8, 3, 0);
-    } else {
-        linear_block(x, xs, w, b, a, lda, yc, ldn, m0, M, K, act, 8, 1, 1);
     }
 }
 
@@ -665,11 +670,12 @@ int linear_small(const float *x, long xs, const float *wt, const float *bias, co
                  long lda, float *y, long M, int K, int N, int act, int threads) {
     if (N != 16 && N != 32 && N % 12) return 0;
     if (N > 48) {
-        const long blocks = (M + 7) / 8;
+        const long blocks = (M + LIN_WIDE_ROWS - 1) / LIN_WIDE_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (long b = 0; b < blocks; b++)
             for (int c = 0; c < N; c += 48)
-                linear_chunk(x, xs, wt, bias, add, lda, y, N, b * 8, M, K, act, c, N - c < 48 ? N - c : 48);
+                linear_chunk(x, xs, wt, bias, add, lda, y, N, b * LIN_WIDE_ROWS, M, K, act, c,
+                             N - c < 48 ? N - c : 48);
         return 1;
     }
     const int R = N >= 36 ? 4 : N == 32 ? 6 : 8;
