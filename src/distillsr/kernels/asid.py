@@ -184,7 +184,7 @@ class FusedESA(FusedForm, paper.ESA):
 def cat(tensors: List[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(tensors, -1)`` of NHWC maps, into a workspace buffer."""
     shape = tensors[0].shape[:-1] + (sum(t.shape[-1] for t in tensors),)
-    return torch.cat(tensors, -1, out=kernels.empty(shape, tensors[0].dtype))
+    return torch.cat(tensors, -1, out=kernels.empty(shape, tensors[0].dtype, tensors[0].device))
 
 
 @register_form(paper.IDB)
@@ -243,10 +243,10 @@ class FusedASID(FusedForm, paper.ASID):
         y, first = self.body(f0)
         f = paper._nchw(ops.conv_add_(self.fuse, y, f0))  # F_0 + fuse(F_N) in F_0's memory
         # NCHW for the upsampler (see forward_native), into a workspace buffer
-        return kernels.empty(f.shape, f.dtype).copy_(f), first
+        return kernels.empty(f.shape, f.dtype, f.device).copy_(f), first
 
     def forward_native(self, x):
-        if not (inference(x) and kernels.enabled):
-            return super().forward_native(x)
+        if not (inference(x) and kernels.enabled and x.device.type == "cpu"):
+            return super().forward_native(x)  # (CUDA's caching allocator keeps its memory)
         with active(self.workspace(), (tuple(x.shape), x.dtype, x.device)):
             return super().forward_native(x)
