@@ -3,6 +3,19 @@
     python3 benchmarks/inference.py                              # everything (slow on 2 cores)
     python3 benchmarks/inference.py --models asid --scales 4 --repeats 3
     python3 benchmarks/inference.py --rows asid:4:fast,asid:4:plain --threads 1
+    python3 benchmarks/inference.py --raw                        # the call as a user embeds it
+
+``--raw`` measures ASID x2 and x4 at a 1280x720 output called as a program that embeds
+the library calls it, each in a fresh process with the environment's allocator settings
+(``MALLOC_*`` variables removed, no ``tune_cpu_allocator``)::
+
+    m = distillsr.prepare_for_inference(distillsr.create_model("asid", s).eval())
+    with torch.inference_mode():
+        m(x)
+
+against the best of 6 runs of a 2048^3 ``torch.mm`` in the same process (3 before the
+model's runs, 3 after), next to the paper model (no preparation) for reference, with the
+page faults per call and the largest difference from the ASID fixtures (``--fixtures``).
 
 Each row runs in a fresh worker process (so that peak memory is that row's), which
 measures the machine's fp32 sgemm rate (2048^3 matrix product) interleaved with the
@@ -12,7 +25,8 @@ minutes. FLOPs count every conv, linear and attention matmul (2 x MACs, see
 
 Implementations:
   fast   distillsr's model after ``prepare_for_inference()`` (NHWC, algebraic merges,
-         fused C kernels and oneDNN post-ops on the CPU, allocator tuned), as the CLI runs it
+         fused C kernels and oneDNN post-ops on the CPU, its workspace; the default
+         allocator), as the CLI runs it
   paper  distillsr's model without preparation (its paper modules, NHWC, op by op;
          allocator tuned): what training and export run
   plain  benchmarks/asid_plain.py: the release's way (NCHW, rearrange copies), same
@@ -77,7 +91,7 @@ def worker_infer(spec):
     import distillsr
     from distillsr.engine.profile import count_cost, input_size_for_output, peak_memory, tune_cpu_allocator
     name, scale, impl = spec["model"], spec["scale"], spec["impl"]
-    if impl in ("fast", "paper"):
+    if impl == "paper":
         tune_cpu_allocator()
     torch.manual_seed(0)
     model = distillsr.create_model(name, scale).eval()
@@ -114,6 +128,69 @@ def worker_infer(spec):
             "sgemm_median": med_r, "gflops": cost.flops / med_t / 1e9,
             "pct_sgemm": 100 * cost.flops / med_t / 1e9 / med_r, "peak_rss": peak, "rss_before": rss0,
             "tiled": spec.get("tiled")}
+
+
+def worker_raw(spec):
+    """One ``--raw`` row: the model called as a user's program calls it (see the doc)."""
+    torch = _setup(spec["threads"])
+    import resource
+    import distillsr
+    scale, impl, (out_w, out_h) = spec["scale"], spec["impl"], spec["size"]
+    if impl == "tuned":  # for comparison: the glibc settings the CLI used to make
+        from distillsr.engine.profile import tune_cpu_allocator
+        tune_cpu_allocator()
+    torch.manual_seed(0)
+    model = distillsr.create_model("asid", scale).eval()
+    if impl in ("fast", "tuned"):
+        model = distillsr.prepare_for_inference(model)
+    from distillsr.engine.profile import count_cost, input_size_for_output
+    w, h = input_size_for_output(out_w, out_h, scale)
+    x = torch.rand(1, 3, h, w)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    rates = [_sgemm_once(torch, a, b) for _ in range(3)]
+    times, faults = [], []
+    with torch.inference_mode():
+        for i in range(spec["warmup"] + spec["repeats"]):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = time.perf_counter()
+            y = model(x)
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - t)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    rates += [_sgemm_once(torch, a, b) for _ in range(3)]
+    torch.save(y, spec["out"])
+    flops = count_cost(distillsr.create_model("asid", scale), (1, 3, h, w)).flops
+    peak = max(rates)
+    result = {"model": "asid", "scale": scale, "impl": impl, "threads": torch.get_num_threads(),
+              "input": [w, h], "output": list(y.shape[2:][::-1]), "flops": flops, "times": sorted(times),
+              "best_s": min(times), "median_s": statistics.median(times), "sgemm_gflops": rates,
+              "peak_gflops": peak, "ratio_best": flops / min(times) / 1e9 / peak,
+              "ratio_median": flops / statistics.median(times) / 1e9 / peak,
+              "faults_per_call": statistics.median(faults),
+              "malloc_env": sorted(k for k in os.environ if k.startswith("MALLOC_"))}
+    if spec.get("fixtures"):
+        result["fixture_diff"] = _fixture_diff(torch, distillsr, Path(spec["fixtures"]), scale, impl)
+    return result
+
+
+def _fixture_diff(torch, distillsr, folder, scale, impl):
+    """Largest |output - fixture| of the official random ASID x``scale`` on both fixture
+    inputs, called twice each (the second call on the first one's workspace buffers, which
+    here are used for maps of every size)."""
+    import numpy as np
+    from distillsr.kernels import workspace
+    model = distillsr.load_model(folder / f"asid_x{scale}_official_random.pth")
+    if impl != "paper":
+        distillsr.prepare_for_inference(model)
+    workspace.MIN_BYTES, diff = 0, 0.0
+    with torch.inference_mode():
+        for inp, out in [("input_37x45.npy", f"asid_x{scale}_out_37x45.npy"),
+                         ("input_b2_24x32.npy", f"asid_x{scale}_out_b2_24x32.npy")]:
+            x, ref = (torch.from_numpy(np.load(folder / n)) for n in (inp, out))
+            for _ in range(2):
+                diff = max(diff, (model.forward_native(x) - ref).abs().max().item())
+    return diff
 
 
 def worker_export(spec):
@@ -176,6 +253,8 @@ def _rss():
 def run_worker(spec, omp_wait="", timeout=3600):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=str(SRC))
+    if spec.get("raw"):  # the allocator as a user's program gets it
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     if omp_wait:
         env["OMP_WAIT_POLICY"] = omp_wait
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -215,14 +294,23 @@ def main(argv=None):
                    help="OMP_WAIT_POLICY of the workers (default '': the environment's, what users get; "
                         "PASSIVE helps on a busy shared machine, where spinning OpenMP threads wait "
                         "for descheduled ones at every op)")
+    p.add_argument("--raw", action="store_true",
+                   help="only the raw-call rows: ASID x2 and x4 as a user's program calls them (see above)")
+    p.add_argument("--raw-repeats", type=int, default=5, help="timed calls per --raw row (default 5)")
+    p.add_argument("--raw-tuned", action="store_true",
+                   help="--raw also times the prepared model after tune_cpu_allocator() (glibc settings)")
+    p.add_argument("--fixtures", default=str(HERE.parent.parent / "shared" / "fixtures" / "asid"),
+                   help="ASID fixtures folder for --raw's equality check (default ../shared/fixtures/asid)")
     p.add_argument("--json", help="write all results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         spec = json.loads(args.worker)
-        kind = "train" if spec.get("train") else "export" if spec.get("export") else "infer"
-        result = {"train": worker_train, "export": worker_export, "infer": worker_infer}[kind](spec)
+        kind = ("train" if spec.get("train") else "export" if spec.get("export") else
+                "raw" if spec.get("raw") else "infer")
+        result = {"train": worker_train, "export": worker_export, "infer": worker_infer,
+                  "raw": worker_raw}[kind](spec)
         print(json.dumps(result))
         return 0
 
@@ -230,6 +318,8 @@ def main(argv=None):
     import distillsr
     from distillsr.engine.profile import parse_size
     size = parse_size(args.size)
+    if args.raw:
+        return raw(args, size)
     known = set(distillsr.list_models())
     impls = [i for i in args.impls.split(",") if i]
     rows = []
@@ -289,6 +379,67 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"load_start": load0, "load_end": _load(), "rows": results,
                                                "train": train}, indent=1))
     return 0
+
+
+def raw(args, size):
+    """The ``--raw`` rows, each in a fresh process; prints them and a markdown table."""
+    import tempfile
+    import torch
+    fixtures = args.fixtures if Path(args.fixtures).is_dir() else None
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads "
+          f"{args.threads or 'default'}, load average at start {_load()}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in (2, 4):
+            outs = {}
+            for impl in ("fast", "paper") + (("tuned",) if args.raw_tuned else ()):
+                out = str(Path(tmp) / f"x{scale}_{impl}.pt")
+                spec = {"raw": True, "scale": scale, "impl": impl, "threads": args.threads, "size": list(size),
+                        "repeats": args.raw_repeats if impl != "paper" else max(2, args.raw_repeats // 2),
+                        "warmup": 1, "out": out, "fixtures": fixtures}
+                r = run_worker(spec)
+                results.append(r)
+                if "error" in r:
+                    print(f"asid x{scale} {impl}: ERROR {r['error']}", flush=True)
+                    continue
+                if impl != "tuned":
+                    outs[impl] = torch.load(out)
+                print(f"asid x{scale} {impl:5s}: best {r['best_s']:.3f} s, median {r['median_s']:.3f} s, "
+                      f"sgemm peak {r['peak_gflops']:.1f} GFLOP/s -> {r['ratio_best']:.2f} of it "
+                      f"(median {r['ratio_median']:.2f}), {r['faults_per_call']:,.0f} page faults/call, "
+                      f"fixtures {_diff(r.get('fixture_diff'))}", flush=True)
+            if len(outs) == 2:
+                d = (outs["fast"] - outs["paper"]).abs().max().item()
+                next(r for r in results if r.get("scale") == scale and r.get("impl") == "fast")["vs_paper"] = d
+                print(f"asid x{scale}: prepared vs paper output at {size[0]}x{size[1]}: max |diff| {d:.1e}")
+    print(f"# load average at end {_load()}")
+    print()
+    print(raw_markdown(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": results}, indent=1))
+    ok = all("error" not in r and (r.get("fixture_diff") is None or r["fixture_diff"] <= 2e-6) for r in results)
+    return 0 if ok else 1
+
+
+def _diff(d):
+    return "not checked" if d is None else f"max |diff| {d:.1e} ({'<=' if d <= 2e-6 else '>'} 2e-6)"
+
+
+def raw_markdown(results):
+    lines = ["| model | output | call | threads | best (s) | median (s) | sgemm peak GFLOP/s | "
+             "best / peak | median / peak | page faults per call | fixtures max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        call = {"fast": "prepare_for_inference", "paper": "paper model",
+                "tuned": "prepare_for_inference + tune_cpu_allocator"}[r["impl"]]
+        if "error" in r:
+            lines.append(f"| asid x{r['scale']} | | {call} | | error | | | | | | |")
+            continue
+        fx = "-" if r.get("fixture_diff") is None else f"{r['fixture_diff']:.1e}"
+        lines.append(f"| asid x{r['scale']} | {r['output'][0]}x{r['output'][1]} | {call} | {r['threads']} | "
+                     f"{r['best_s']:.3f} | {r['median_s']:.3f} | {r['peak_gflops']:.1f} | "
+                     f"{r['ratio_best']:.2f} | {r['ratio_median']:.2f} | {r['faults_per_call']:,.0f} | {fx} |")
+    return "\n".join(lines)
 
 
 def _print_row(r):

@@ -4,9 +4,10 @@ from .checkpoint import CheckpointError, load_model, save_model
 from . import pretrained, releases
 from .pretrained import list_pretrained, load_pretrained
 from .api import upscale
+from .kernels import prepare_for_inference
 
 __version__ = "0.1.0"
 
 __all__ = ["create_model", "list_models", "model_info", "register_model", "load_model", "save_model",
            "CheckpointError", "pretrained", "releases", "list_pretrained", "load_pretrained", "upscale",
-           "__version__"]
+           "prepare_for_inference", "__version__"]

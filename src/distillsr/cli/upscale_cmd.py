@@ -127,11 +127,8 @@ def run(args) -> int:
         return 2
     try:
         device = select_device(rank_device(args.device, ranks))
-        if str(device) == "cpu":  # this process only upscales: keep freed maps for reuse
-            from ..engine.profile import tune_cpu_allocator
-            tune_cpu_allocator()
-            if ranks.distributed:
-                split_cpu_threads(ranks)
+        if str(device) == "cpu" and ranks.distributed:
+            split_cpu_threads(ranks)
         scale = args.scale if args.scale is not None or args.weights else 4
         model = args.model
         if model is None and args.weights is None:

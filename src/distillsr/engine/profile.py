@@ -270,7 +270,10 @@ def tune_cpu_allocator() -> bool:
     the next one of that size page-faults in again: 1280x720 x2 activations are 44 MB
     each, and those faults took about a third of the CPU time (and ~10% at x4). After
     this call freed blocks are reused. Process-wide; returns False where it does not
-    apply (not glibc). The CLI's ``profile``/``upscale`` and the benchmarks call it.
+    apply (not glibc). Prepared ASID models do not need it (their workspace keeps their
+    maps, see ``distillsr.kernels.workspace``), and nothing in the package calls it; it
+    remains for programs that run unprepared models (training, the paper modules) and
+    for comparisons (``benchmarks/inference.py --raw --raw-tuned``).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -340,8 +343,6 @@ def profile_model(model: nn.Module, output_size: Tuple[int, int] = (1280, 720), 
     times: List[float] = []
     peak = None
     if time_it:
-        if device.type == "cpu":
-            tune_cpu_allocator()
         net = prepare_for_inference(model.to(device=device, dtype=DTYPES[dtype]))
         if compile:
             net = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)

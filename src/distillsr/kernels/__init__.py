@@ -11,8 +11,10 @@ slowly, for maps of 12-48 channels): LayerNorm over channels written straight in
 window/grid token order, the residual add back from tokens fused with the next LayerNorm,
 depthwise 3x3 convs with GELU or the GFN's gate (and the channel means SE needs), the
 attention output ``A v`` added into the map and normalised, a computing unit's scores, bias
-and softmax in one pass, and 1x1 convs of 12-48 output channels with bias or a residual
-add (where oneDNN reaches a third to a half of the machine's rate). The C file is
+and softmax in one pass, and 1x1 convs with bias, GELU, sigmoid or a residual add (12-48
+output channels in registers, where oneDNN reaches a third to a half of the machine's rate;
+wider products in column chunks), all writing into the workspace of the prepared model
+(``distillsr.kernels.workspace``). The C file is
 compiled once with the system C compiler (``$CC``, else ``cc``, else ``gcc``; flags
 ``-O3 -march=native -fopenmp``) into ``$DISTILLSR_CACHE/kernels`` (default
 ``~/.cache/distillsr/kernels``) and loaded with ctypes. Without a compiler, or when the
@@ -57,6 +59,7 @@ enabled = os.environ.get("DISTILLSR_KERNELS", "1") != "0"
 
 from .prepare import (is_prepared, paper_modules, prepare_for_inference,  # noqa: E402,F401
                       restore_paper_modules)
+from .workspace import Workspace, empty  # noqa: E402,F401
 
 
 def cache_dir() -> Path:
@@ -138,7 +141,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.attend_add_norm.argtypes = [P, P, L, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
     lib.attention_scores.argtypes = [P, P, L, L, P, F, P, L, I, I]
-    lib.linear_small.argtypes = [P, L, P, P, P, P, L, I, I, I, I]
+    lib.linear_small.argtypes = [P, L, P, P, P, L, P, L, I, I, I, I]
     lib.linear_small.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores):
         f.restype = None
@@ -199,7 +202,7 @@ def layer_norm(x: torch.Tensor, norm, layout: str = "image") -> torch.Tensor:
     token order (as ``to_tokens(norm(x), layout)``)."""
     x, xs = _pixels(x)
     b, h, w, c = x.shape
-    y = torch.empty(_tokens_shape(x.shape, layout), dtype=x.dtype)
+    y = empty(_tokens_shape(x.shape, layout), x.dtype)
     weight, bias = _f32(norm.weight), _f32(norm.bias)
     _kernels().layer_norm(x.data_ptr(), xs, y.data_ptr(), b, h, w, c, weight.data_ptr(), bias.data_ptr(),
                     norm.eps, LAYOUTS[layout], torch.get_num_threads())
@@ -212,8 +215,8 @@ def add_tokens_norm(x: torch.Tensor, t: torch.Tensor, layout: str, norm=None):
     x, xs = _pixels(x)
     b, h, w, c = x.shape
     t = t.contiguous()
-    y = torch.empty((b, h, w, c), dtype=x.dtype)
-    z = None if norm is None else torch.empty_like(y)
+    y = empty((b, h, w, c), x.dtype)
+    z = None if norm is None else empty((b, h, w, c), x.dtype)
     weight, bias = (None, None) if norm is None else (_f32(norm.weight), _f32(norm.bias))
     _kernels().add_tokens_norm(x.data_ptr(), xs, t.data_ptr(), y.data_ptr(), _ptr(z), b, h, w, c,
                          _ptr(weight), _ptr(bias), norm.eps if norm is not None else 0.0,
@@ -248,7 +251,7 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         w2 = _taps(w2)
     if channel_means and layout != "image":
         raise ValueError("channel_means needs the image layout")
-    y = torch.empty(_tokens_shape(x.shape, layout), dtype=x.dtype)
+    y = empty(_tokens_shape(x.shape, layout), x.dtype)
     sums = torch.empty((b, h, c), dtype=x.dtype) if channel_means else None
     taps, bias = _taps(weight), _f32(bias)  # kept alive through the call
     _kernels().dwconv3x3(x.data_ptr(), xs, taps.data_ptr(), _ptr(bias), _ptr(x2), _ptr(w2),
@@ -286,7 +289,7 @@ def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, layout
     if attn.shape != (b * (h // 8) * (w // 8), 64, 64) or v.shape != (attn.shape[0], 64, d):
         raise ValueError(f"attention {tuple(attn.shape)} and values {tuple(v.shape)} do not fit a "
                          f"{tuple(x.shape)} map in {layout} windows")
-    y, z = torch.empty((b, h, w, d)), torch.empty((b, h, w, d))
+    y, z = empty((b, h, w, d)), empty((b, h, w, d))
     g, be = _f32(norm.weight), _f32(norm.bias)
     _kernels().attend_add_norm(attn.data_ptr(), v.data_ptr(), v.stride(1), x.data_ptr(), xs, y.data_ptr(), z.data_ptr(),
                                b, h, w, d, g.data_ptr(), be.data_ptr(), norm.eps, LAYOUTS[layout],
@@ -304,22 +307,29 @@ def attention_scores(qkv: torch.Tensor, bias: torch.Tensor, scale: float) -> tor
         raise ValueError(f"attention_scores needs (groups, 64, 3d) tokens with d <= 64, not {tuple(qkv.shape)}")
     qkv = qkv.contiguous()
     bias = _f32(bias)
-    out = torch.empty((g, 64, 64), dtype=qkv.dtype)
+    out = empty((g, 64, 64), qkv.dtype)
     _kernels().attention_scores(qkv.data_ptr(), qkv.data_ptr() + 4 * d, 3 * d, 64 * 3 * d, bias.data_ptr(),
                                 float(scale), out.data_ptr(), g, d, torch.get_num_threads())
     return out
 
 
 LINEAR_WIDTHS = (12, 16, 24, 32, 36, 48)
+ACTS = {None: 0, "gelu": 1, "sigmoid": 2}
+
+
+def linear_width(n: int) -> bool:
+    """Whether the C kernel computes products of ``n`` outputs: one of ``LINEAR_WIDTHS``, or
+    a multiple of 12 (run as column chunks of at most 48)."""
+    return n in LINEAR_WIDTHS or n % 12 == 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            act: Optional[str] = None, add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """``act(x W^T + b)`` (+ ``add``) over the last dimension of ``x`` (..., K), for
-    ``weight`` (N, K) with N in ``LINEAR_WIDTHS``; rows of ``x`` may be strided (a channel
-    slice). Returns None for other widths (the caller uses oneDNN)."""
+    """``act(x W^T + b)`` (+ ``add``) over the last dimension of ``x`` (..., K), ``act``
+    None, "gelu" or "sigmoid", for ``weight`` (N, K) with ``linear_width(N)``; rows of ``x``
+    and of ``add`` may be strided (channel slices). Returns None for other widths (the caller uses oneDNN)."""
     n, k = weight.shape[0], weight.shape[-1]
-    if n not in LINEAR_WIDTHS or act not in (None, "gelu") or x.shape[-1] != k:
+    if not linear_width(n) or act not in ACTS or x.shape[-1] != k:
         return None
     x2 = x.reshape(-1, k) if x.dim() != 2 else x
     if x2.stride(-1) != 1:
@@ -329,8 +339,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     b = _f32(bias)
     a = None
     if add is not None:
-        a = add.reshape(m, n).contiguous()
-    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
-    _kernels().linear_small(x2.data_ptr(), x2.stride(0), wt.data_ptr(), _ptr(b), _ptr(a), y.data_ptr(),
-                            m, k, n, 1 if act == "gelu" else 0, torch.get_num_threads())
+        a = add.reshape(m, n)
+        if a.stride(-1) != 1:
+            a = a.contiguous()
+    y = empty(x.shape[:-1] + (n,), x.dtype)
+    _kernels().linear_small(x2.data_ptr(), x2.stride(0), wt.data_ptr(), _ptr(b), _ptr(a),
+                            0 if a is None else a.stride(0), y.data_ptr(), m, k, n, ACTS[act],
+                            torch.get_num_threads())
     return y

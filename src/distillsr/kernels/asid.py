@@ -20,6 +20,10 @@ Merges and fusions, by form:
   output for SE, and the SE gate (one per channel) is folded into ``conv_out``'s weight.
 * ``ESA``, ``IDB``, ``SerialBlock``: residual adds and the sigmoid fused into products.
 * ``ConvNHWC``: 1x1 convs in the small-product C kernel or oneDNN, others in oneDNN.
+* ``ASID``: the network runs each call with its workspace (``distillsr.kernels.workspace``)
+  active, so that the maps of one call reuse the buffers of the previous one instead of
+  page-faulting fresh memory in; ``fuse``'s output is summed into the shallow features'
+  memory.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from ..models import asid as paper
 from . import ops
 from .ops import inference
 from .prepare import FusedForm, register_form
+from .workspace import Workspace, active
 
 
 def gfn(m: paper.GFN, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -62,13 +67,32 @@ def qkv_tokens(m: paper.ChannelAttention, x: torch.Tensor):
     return paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), layout).chunk(3, dim=-1)
 
 
+def channel_matrices(m: paper.ChannelAttention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``m.matrices(q, k)`` with the token norms of the C kernel and every (G, C, C)
+    temporary in the workspace (meso groups at x2 720p: 33 MB each); the same ops in the
+    same order."""
+    nq, nk = (kernels.token_norms(t).clamp_min(1e-12) for t in (q, k))
+    g, c = q.shape[0], q.shape[-1]
+    gram = torch.bmm(q.transpose(1, 2), k, out=kernels.empty((g, c, c)))
+    scale = torch.mul(nq[:, :, None], nk[:, None, :], out=kernels.empty((g, c, c)))
+    gram.mul_(torch.div(m.temperature, scale, out=scale))
+    del scale
+    return torch.softmax(gram, -1, out=kernels.empty((g, c, c)))
+
+
 def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torch.Tensor,
                       norm: nn.Module):
     """``y = residual + m(x)`` and ``norm(y)`` (NHWC)."""
     q, k, v = qkv_tokens(m, x)
-    norms = (kernels.token_norms(q), kernels.token_norms(k)) if ops.c_kernels(q) else None
-    attn = m.matrices(q, k, norms)
-    y = v @ (m.project_out.weight.flatten(1) @ attn).transpose(1, 2)
+    if ops.c_kernels(q):
+        attn = channel_matrices(m, q, k)
+        del q, k
+        mixed = torch.matmul(m.project_out.weight.flatten(1), attn, out=kernels.empty(attn.shape))
+        del attn
+        y = torch.bmm(v, mixed.transpose(1, 2), out=kernels.empty(v.shape))
+    else:
+        attn = m.matrices(q, k)
+        y = v @ (m.project_out.weight.flatten(1) @ attn).transpose(1, 2)
     return ops.add_tokens_norm(residual, y, m.layout, norm)
 
 
@@ -85,7 +109,7 @@ class FusedLM(FusedForm, paper.LM):
     def forward(self, x):
         if not inference(x):
             return super().forward(x)
-        if ops.onednn(x) and not x.is_contiguous():
+        if not ops.c_kernels(x) and ops.onednn(x) and not x.is_contiguous():
             x = x.contiguous()  # a channel slice: copied once here, not by both oneDNN products
         y = ops.conv(self.conv_in, x, act="gelu")
         if ops.c_kernels(y) and y.shape[0] == 1:
@@ -153,11 +177,39 @@ class FusedESA(FusedForm, paper.ESA):
             return super().forward(x)
         c1 = ops.conv(self.conv1, x)
         y = ops.linear(c1, self.conv_f.weight, self.conv_f.bias, add=self.mask_input(x, c1))
-        return x * ops.linear(y, self.conv4.weight, self.conv4.bias, act="sigmoid")
+        gate = ops.linear(y, self.conv4.weight, self.conv4.bias, act="sigmoid")
+        return gate.mul_(x)  # a fresh map: x * gate in its memory
+
+
+def cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors, -1)`` of NHWC maps, into a workspace buffer."""
+    shape = tensors[0].shape[:-1] + (sum(t.shape[-1] for t in tensors),)
+    return torch.cat(tensors, -1, out=kernels.empty(shape, tensors[0].dtype, tensors[0].device))
 
 
 @register_form(paper.IDB)
 class FusedIDB(FusedForm, paper.IDB):
+    def distill(self, x, shared):
+        """The paper's ``distill`` with its concatenations written into the workspace."""
+        if not (self.split and inference(x)):
+            return super().distill(x, shared)
+        q, out = self.q, []
+
+        def sam(k, module, t):
+            t, mats = module(t, out[0:2] if self.intra and k > 0 else shared[2 * k: 2 * k + 2])
+            out.extend(mats)
+            return t
+
+        x = self.lm1(x)
+        x = self.pw1(cat([sam(0, self.sam1, x[..., q:]), x[..., :q]]))
+        r1 = x[..., :q]
+        x = self.lm2(x[..., q:])
+        x = self.pw2(cat([sam(1, self.sam2, x[..., q:]), x[..., :q]]))
+        r2 = x[..., :q]
+        x = self.lm3(x[..., q:])
+        x = self.pw3(cat([r1, r2, sam(2, self.sam3, x[..., q:]), x[..., :q]]))
+        return self.cam(x), out
+
     def forward(self, x, shared):
         if not inference(x):
             return super().forward(x, shared)
@@ -172,3 +224,29 @@ class FusedSerialBlock(FusedForm, paper.SerialBlock):
             return super().forward(x, shared)
         y, mats = self.sam(self.lm(x))
         return self.esa(ops.linear(self.cam(y), self.conv.weight, self.conv.bias, add=x)), list(mats)
+
+
+@register_form(paper.ASID)
+class FusedASID(FusedForm, paper.ASID):
+    def workspace(self) -> Workspace:
+        """This network's workspace (made on first use; dropped by ``train()`` and by
+        preparing again)."""
+        ws = self.__dict__.get("_workspace")
+        if ws is None:
+            ws = self.__dict__.setdefault("_workspace", Workspace())
+        return ws
+
+    def features(self, x: torch.Tensor):
+        if not (inference(x) and kernels.enabled):
+            return super().features(x)
+        f0 = paper._nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
+        y, first = self.body(f0)
+        f = paper._nchw(ops.conv_add_(self.fuse, y, f0))  # F_0 + fuse(F_N) in F_0's memory
+        # NCHW for the upsampler (see forward_native), into a workspace buffer
+        return kernels.empty(f.shape, f.dtype, f.device).copy_(f), first
+
+    def forward_native(self, x):
+        if not (inference(x) and kernels.enabled and x.device.type == "cpu"):
+            return super().forward_native(x)  # (CUDA's caching allocator keeps its memory)
+        with active(self.workspace(), (tuple(x.shape), x.dtype, x.device)):
+            return super().forward_native(x)

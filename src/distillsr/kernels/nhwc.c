@@ -570,14 +570,22 @@ void attention_scores(const float *q, const float *k, long ts, long gs, const fl
 
 /* ------------------------------------------------------------------ small products */
 /* y[m] = act(x[m] W^T + bias) (+ add[m]) for M rows of K floats at stride xs, W given
- * transposed (K, N); N = 8 NV + 4 TAIL output channels (12 to 48). R rows at a time
- * against all N outputs, the accumulators in registers: where N and K are small (1x1
- * convs of 12-48 channels) oneDNN reaches only a third to a half of the machine's rate. */
+ * transposed (K, N); act 0 none, 1 GELU, 2 sigmoid. R rows at a time against NC = 8 NV +
+ * 4 TAIL outputs (12 to 48), the accumulators in registers: where N and K are small (1x1
+ * convs of 12-48 channels) oneDNN reaches only a third to a half of the machine's rate.
+ * Wider products (N a multiple of 12) run as column chunks of at most 48 while the rows
+ * are in cache; ldn is the row stride of W^T and y (the full N), lda that of add. */
 #define LIN_MAX_R 8
+ALWAYS_INLINE v8f sigmoid8(v8f x) { return 1.0f / (1.0f + exp8(-x)); }
+
+ALWAYS_INLINE v4f_ sigmoid4(v4f_ x) {
+    v8f w = sigmoid8(__builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3));
+    return __builtin_shufflevector(w, w, 0, 1, 2, 3);
+}
+
 ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const float *bias,
-                               const float *add, float *y, int K, int act, const int R,
-                               const int NV, const int TAIL) {
-    const int N = 8 * NV + 4 * TAIL;
+                               const float *add, long lda, float *y, long ldn, int K, int act,
+                               const int R, const int NV, const int TAIL) {
     v8f acc[LIN_MAX_R][6];
     v4f_ acct[LIN_MAX_R];
     for (int r = 0; r < R; r++) {
@@ -585,7 +593,7 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
         if (TAIL) acct[r] = bias ? load4_(bias + 8 * NV) : (v4f_){0};
     }
     for (int k = 0; k < K; k++) {
-        const float *wk = wt + (long)k * N;
+        const float *wk = wt + (long)k * ldn;
         v8f w[6];
         for (int v = 0; v < NV; v++) w[v] = load8_(wk + 8 * v);
         v4f_ wtl = TAIL ? load4_(wk + 8 * NV) : (v4f_){0};
@@ -596,12 +604,14 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
         }
     }
     for (int r = 0; r < R; r++) {
-        float *yr = y + (long)r * N;
-        const float *ar = add ? add + (long)r * N : NULL;
-        if (act) {
+        float *yr = y + (long)r * ldn;
+        const float *ar = add ? add + (long)r * lda : NULL;
+        if (act == 1) {
             int v = 0;
             for (; v + 1 < NV; v += 2) gelu8x2(&acc[r][v], &acc[r][v + 1]);
             if (v < NV) acc[r][v] = gelu8(acc[r][v]);
+        } else if (act == 2) {
+            for (int v = 0; v < NV; v++) acc[r][v] = sigmoid8(acc[r][v]);
         }
         for (int v = 0; v < NV; v++) {
             v8f o = acc[r][v];
@@ -610,7 +620,8 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
         }
         if (TAIL) {
             v4f_ o = acct[r];
-            if (act) o = gelu4(o);
+            if (act == 1) o = gelu4(o);
+            else if (act == 2) o = sigmoid4(o);
             if (ar) o += load4_(ar + 8 * NV);
             memcpy(yr + 8 * NV, &o, sizeof o);
         }
@@ -619,26 +630,59 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
 
 /* rows [m0, m0 + R) (the whole block R or, at the end, one row at a time) */
 ALWAYS_INLINE void linear_block(const float *x, long xs, const float *wt, const float *bias,
-                                const float *add, float *y, long m0, long M, int K, int act,
-                                const int R, const int NV, const int TAIL) {
-    const int N = 8 * NV + 4 * TAIL;
+                                const float *add, long lda, float *y, long ldn, long m0, long M, int K,
+                                int act, const int R, const int NV, const int TAIL) {
     if (m0 + R <= M) {
-        linear_rows(x + m0 * xs, xs, wt, bias, add ? add + m0 * N : NULL, y + m0 * N, K, act, R, NV, TAIL);
+        linear_rows(x + m0 * xs, xs, wt, bias, add ? add + m0 * lda : NULL, lda, y + m0 * ldn, ldn, K,
+                    act, R, NV, TAIL);
         return;
     }
     for (long m = m0; m < M; m++)
-        linear_rows(x + m * xs, xs, wt, bias, add ? add + m * N : NULL, y + m * N, K, act, 1, NV, TAIL);
+        linear_rows(x + m * xs, xs, wt, bias, add ? add + m * lda : NULL, lda, y + m * ldn, ldn, K,
+                    act, 1, NV, TAIL);
 }
 
-/* returns 0 where N is not one of the compiled widths (12, 16, 24, 32, 36, 48) */
+/* columns [c, c + nc) of rows [m0, m0 + LIN_WIDE_ROWS), nc one of 12, 24, 36, 48 */
+#ifndef LIN_WIDE_ROWS
+#define LIN_WIDE_ROWS 8
+#endif
+static void linear_chunk(const float *x, long xs, const float *wt, const float *bias, const float *add,
+                         long lda, float *y, long ldn, long m0, long M, int K, int act, int c, int nc) {
+    const float *w = wt + c, *b = bias ? bias + c : NULL, *a = add ? add + c : NULL;
+    float *yc = y + c;
+    for (int r = 0; r < LIN_WIDE_ROWS; r += 8) {
+        if (nc == 48 || nc == 36) {
+            for (int h = 0; h < 8; h += 4) {
+                if (nc == 48) linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r + h, M, K, act, 4, 6, 0);
+                else linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r + h, M, K, act, 4, 4, 1);
+            }
+        } else if (nc == 24) {
+            linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 8, 3, 0);
+        } else {
+            linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 8, 1, 1);
+        }
+    }
+}
+
+/* returns 0 where N is neither one of the compiled widths (12, 16, 24, 32, 36, 48) nor a
+ * multiple of 12 */
 int linear_small(const float *x, long xs, const float *wt, const float *bias, const float *add,
-                 float *y, long M, int K, int N, int act, int threads) {
-    if (N != 12 && N != 16 && N != 24 && N != 32 && N != 36 && N != 48) return 0;
+                 long lda, float *y, long M, int K, int N, int act, int threads) {
+    if (N != 16 && N != 32 && N % 12) return 0;
+    if (N > 48) {
+        const long blocks = (M + LIN_WIDE_ROWS - 1) / LIN_WIDE_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long b = 0; b < blocks; b++)
+            for (int c = 0; c < N; c += 48)
+                linear_chunk(x, xs, wt, bias, add, lda, y, N, b * LIN_WIDE_ROWS, M, K, act, c,
+                             N - c < 48 ? N - c : 48);
+        return 1;
+    }
     const int R = N >= 36 ? 4 : N == 32 ? 6 : 8;
     const long blocks = (M + R - 1) / R;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long b = 0; b < blocks; b++) {
-#define LIN(r, nv, tail) linear_block(x, xs, wt, bias, add, y, b * (r), M, K, act, r, nv, tail)
+#define LIN(r, nv, tail) linear_block(x, xs, wt, bias, add, lda, y, N, b * (r), M, K, act, r, nv, tail)
         switch (N) {
         case 12: LIN(8, 1, 1); break;
         case 16: LIN(8, 2, 0); break;

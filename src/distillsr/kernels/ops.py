@@ -77,10 +77,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     (a 1x1 conv or a linear layer; ``weight`` (out, in) or (out, in, 1, 1))."""
     w = weight.flatten(1)
     n, k = w.shape
-    if act is None and n >= 16 and (add is not None or k >= n) and c_kernels(x):
-        # small products (and those with a residual add) in the C kernel, faster than
-        # oneDNN there; GELU and the widening products stay with oneDNN
-        y = kernels.linear(x, w, bias, add=add)
+    if c_kernels(x):
+        # the C kernel writes into the workspace's buffers, where oneDNN's outputs would be
+        # page-faulted in afresh at every call (see distillsr.kernels.workspace)
+        y = kernels.linear(x, w, bias, act, add)
         if y is not None:
             return y
     if onednn(x):
@@ -146,3 +146,14 @@ def attend_add_norm(attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor, layout
         if out is not None:
             return out
     return add_tokens_norm(x, torch.bmm(attn, v), layout, norm)
+
+
+def conv_add_(module: nn.Conv2d, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """``acc += conv(x)`` on NHWC maps, in the memory of ``acc`` (oneDNN: the conv's sum
+    written straight into it); returns ``acc``."""
+    if onednn(x) and acc.is_contiguous():
+        _MKLDNN._convolution_pointwise_.binary(_nchw(acc), _nchw(x.contiguous()), module.weight, module.bias,
+                                               module.padding, module.stride, module.dilation, module.groups,
+                                               "add", None, None, [], None)
+        return acc
+    return acc.add_(conv(module, x))

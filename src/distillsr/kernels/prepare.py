@@ -85,6 +85,7 @@ def _stamp(tensors: List[torch.Tensor]) -> Optional[Tuple]:
 
 def _restore(module: nn.Module) -> None:
     module.__dict__.pop("_fused_cache", None)
+    module.__dict__.pop("_workspace", None)
     module.__class__ = type(module).paper
 
 
@@ -117,6 +118,7 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
             m.__class__ = form
         if isinstance(m, FusedForm):
             m.__dict__.pop("_fused_cache", None)
+            m.__dict__.pop("_workspace", None)
             m.cache()
     return model
 

@@ -451,10 +451,9 @@ class ASID(SRNet):
         pw = torch.sym_max((w + WINDOW - 1) // WINDOW * WINDOW, 2 * WINDOW) - w
         return F.pad(x, (0, pw, 0, ph))
 
-    def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Matrices]:
-        """Deep features (NCHW, channels_last memory) of a padded NCHW input, and the
-        attention matrices of the first block."""
-        f0 = _nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
+    def body(self, f0: torch.Tensor) -> Tuple[torch.Tensor, Matrices]:
+        """The blocks on the shallow features ``f0`` (NHWC): F_N, and the attention
+        matrices of the first block (which the later blocks share)."""
         shared: Matrices = [None] * 6
         first: Matrices = []
         y = f0
@@ -463,6 +462,13 @@ class ASID(SRNet):
             if i == 0:
                 first = mats
                 shared = mats
+        return y, first
+
+    def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Matrices]:
+        """Deep features (NCHW, channels_last memory) of a padded NCHW input, and the
+        attention matrices of the first block."""
+        f0 = _nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
+        y, first = self.body(f0)
         return _nchw(self.fuse(y) + f0), first
 
     def prepare_for_inference(self) -> "ASID":
