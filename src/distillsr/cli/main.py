@@ -11,7 +11,8 @@ import sys
 from typing import List, Optional
 
 # sub-command modules, in the order ``--help`` lists them
-COMMANDS = ["upscale", "models", "weights", "eval", "degrade", "train", "data", "profile", "export", "ship"]
+COMMANDS = ["upscale", "models", "weights", "eval", "degrade", "train", "data", "profile", "export", "ship",
+            "quantize"]
 
 
 def build_parser() -> argparse.ArgumentParser:
