@@ -48,14 +48,9 @@ def load_torch(name: str):
 
 
 def prepare(name: str, work: Path, calib: Path, log) -> dict:
-    from distillsr.engine.export import export_onnx
     from distillsr.engine.quantize import quantize
-    fp32, int8 = work / f"{name}_x4_fp32.onnx", work / f"{name}_x4_int8.onnx"
+    fp32, int8 = prepare_fp32(name, work, log), work / f"{name}_x4_int8.onnx"
     info = {}
-    if not fp32.is_file():
-        t = time.perf_counter()
-        export_onnx(load_torch(name), fp32)
-        log(f"{name}: exported in {time.perf_counter() - t:.0f} s")
     report_path = work / f"{name}_x4_int8.json"
     if not int8.is_file() or not report_path.is_file():
         from distillsr.engine.quantize import graph_units, _load_proto
@@ -97,6 +92,42 @@ def speed_row(name: str, runners: dict, repeats: int, lr=(180, 320)) -> dict:
             "all": {k: [round(t, 4) for t in v] for k, v in times.items()}}
 
 
+def curve(args, work: Path, log) -> int:
+    """Set5 cost and speed of E-RFDN x4 with its k most sensitive layers kept float."""
+    from distillsr.engine.onnx_backend import OnnxModel
+    from distillsr.engine.quantize import quantize
+    fp32 = prepare_fp32("e-rfdn", work, log)
+    layer_json = work / "e-rfdn_x4_layer.json"
+    if not layer_json.is_file():
+        report = quantize(fp32, work / "e-rfdn_x4_layer.onnx", calib_dir=args.calib, granularity="layer", log=log)
+        layer_json.write_text(report.to_json())
+    units = sorted(json.loads(layer_json.read_text())["units"], key=lambda u: -u["drop_db"])
+    runners = {"ort_fp32": OnnxModel(fp32)}
+    for k in [int(v) for v in args.curve.split(",")]:
+        path = work / f"e-rfdn_x4_float{k}.onnx"
+        quantize(fp32, path, calib_dir=args.calib, granularity="layer", keep_float=[u["unit"] for u in units[:k]])
+        runners[f"int8_float{k}"] = OnnxModel(path)
+    row = psnr_rows("e-rfdn", runners, Path(args.data), ["Set5"], log)[0]
+    speed = speed_row("e-rfdn", runners, args.repeats)
+    print(f"E-RFDN x4: the k most sensitive of {len(units)} layers kept float (layer sensitivity order); "
+          f"Set5 PSNR and seconds per 1280x720 output (median of {args.repeats}, interleaved)")
+    print(f"{'runner':<14} {'Set5 dB':>8} {'cost':>7} {'seconds':>8} {'speed-up':>9}")
+    for key in runners:
+        print(f"{key:<14} {row[key]:>8.3f} {row[key] - row['ort_fp32']:>+7.3f} {speed[key]:>8.3f} "
+              f"{speed['ort_fp32'] / speed[key]:>8.2f}x")
+    return 0
+
+
+def prepare_fp32(name: str, work: Path, log) -> Path:
+    from distillsr.engine.export import export_onnx
+    fp32 = work / f"{name}_x4_fp32.onnx"
+    if not fp32.is_file():
+        t = time.perf_counter()
+        export_onnx(load_torch(name), fp32)
+        log(f"{name}: exported in {time.perf_counter() - t:.0f} s")
+    return fp32
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="e-rfdn,fdiwn,asid")
@@ -106,6 +137,9 @@ def main() -> int:
     p.add_argument("--calib", default=str(SHARED / "data" / "train_photos"))
     p.add_argument("--data", default=str(SHARED / "data" / "benchmark"))
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--curve", metavar="K,K,...",
+                   help="instead: E-RFDN with its K most sensitive layers float (order of the layer "
+                        "sensitivity in WORK/e-rfdn_x4_layer.json, made first if missing): Set5 cost and speed")
     args = p.parse_args()
 
     import torch
@@ -117,6 +151,8 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.curve:
+        return curve(args, work, log)
     psnr, speed, reports = [], [], {}
     for name in args.models.split(","):
         info = prepare(name, work, Path(args.calib), log)

@@ -31,8 +31,8 @@ def register(sub) -> None:
     p.add_argument("--calib-count", type=int, default=32, metavar="N",
                    help="LR patches to calibrate on (default 32, two per photo)")
     p.add_argument("--calib-size", type=int, default=64, metavar="PX", help="LR patch side (default 64)")
-    p.add_argument("--check-count", type=int, default=8, metavar="N",
-                   help="held-out patches the sensitivity is scored on (default 8)")
+    p.add_argument("--check-count", type=int, default=16, metavar="N",
+                   help="held-out patches the sensitivity is scored on (default 16)")
     p.add_argument("--sensitivity", choices=("auto",) + GRANULARITIES, default="auto",
                    help="sensitivity unit: layer (each module's own nodes), block (top-level modules), "
                         "off (quantise all but LayerNorm/Softmax), auto (layer up to 80 units, else "
@@ -89,7 +89,8 @@ def run(args) -> int:
                 granularity = _auto_granularity(src)
             report = quantize(src, out, method=args.method, calib_dir=calib, calib_count=args.calib_count,
                               calib_size=args.calib_size, check_count=args.check_count,
-                              granularity=granularity, max_drop=args.max_drop, log=print)
+                              granularity=granularity, max_drop=args.max_drop,
+                              log=lambda msg: print(msg, flush=True))
     except (ValueError, KeyError, CheckpointError, QuantizeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         return err(str(msg), 2)

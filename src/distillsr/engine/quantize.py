@@ -325,15 +325,17 @@ def _set_metadata(path: PathLike, extra: Dict[str, str]) -> None:
 # ----------------------------------------------------------------------------- quantize
 
 def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir: Optional[PathLike] = None,
-             calib_count: int = 32, calib_size: int = 64, check_count: int = 8,
+             calib_count: int = 32, calib_size: int = 64, check_count: int = 16,
              granularity: str = "layer", max_drop: float = 0.05, threads: Optional[int] = None,
-             log: Optional[Log] = None) -> QuantizeReport:
+             keep_float: Optional[Sequence[str]] = None, log: Optional[Log] = None) -> QuantizeReport:
     """Quantise the fp32 export ``src`` to ``dst`` (written atomically: complete or absent).
 
     ``method``: ``static`` (QDQ, per-channel, calibrated on ``calib_dir``) or ``dynamic``.
     ``granularity``: the sensitivity unit (``layer``, ``block``) or ``off`` (no analysis:
     everything but LayerNorm / Softmax is quantised). ``max_drop``: the PSNR cost (dB) allowed
-    on the ``check_count`` held-out patches; units are kept float until it holds."""
+    on the ``check_count`` held-out patches; units are kept float until it holds.
+    ``keep_float``: units (of ``granularity``) to keep float instead of searching; no
+    sensitivity is measured then."""
     from ..io import atomic_write
     log = log or (lambda msg: None)
     if method not in METHODS:
@@ -369,8 +371,18 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir:
             reader = _Reader(input_name, [lr for lr, _ in calib])
             cache = tmp / "ranges.json"
             log(f"calibrating on {len(calib)} LR patches of {calib_size}x{calib_size} from {calib_dir}")
-            _static(src, tmp / "q.onnx", cache=cache, reader=reader, nodes_to_exclude=forced or None)
-            if granularity != "off":
+            excluded = list(forced)
+            if keep_float:
+                if granularity == "off":
+                    raise QuantizeError("keep_float names units: give a granularity (layer or block)")
+                units = graph_units(proto, granularity)
+                unknown = [u for u in keep_float if u not in units]
+                if unknown:
+                    raise QuantizeError(f"no {granularity} unit named {', '.join(unknown)} in {src}")
+                excluded += [n for u in keep_float for n in units[u]]
+                report.kept_float = list(keep_float)
+            _static(src, tmp / "q.onnx", cache=cache, reader=reader, nodes_to_exclude=excluded or None)
+            if granularity != "off" and not keep_float:
                 _choose_float_units(src, proto, tmp, cache, report, calib_dir, calib_size, check_count,
                                     input_name, threads, forced, log)
         _set_metadata(tmp / "q.onnx", {"distillsr.quantization": json.dumps(
