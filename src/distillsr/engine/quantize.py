@@ -372,7 +372,7 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir:
             cache = tmp / "ranges.json"
             log(f"calibrating on {len(calib)} LR patches of {calib_size}x{calib_size} from {calib_dir}")
             excluded = list(forced)
-            if keep_float:
+            if keep_float is not None:
                 if granularity == "off":
                     raise QuantizeError("keep_float names units: give a granularity (layer or block)")
                 units = graph_units(proto, granularity)
@@ -382,7 +382,7 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir:
                 excluded += [n for u in keep_float for n in units[u]]
                 report.kept_float = list(keep_float)
             _static(src, tmp / "q.onnx", cache=cache, reader=reader, nodes_to_exclude=excluded or None)
-            if granularity != "off" and not keep_float:
+            if granularity != "off" and keep_float is None:
                 _choose_float_units(src, proto, tmp, cache, report, calib_dir, calib_size, check_count,
                                     input_name, threads, forced, log)
         _set_metadata(tmp / "q.onnx", {"distillsr.quantization": json.dumps(
