@@ -272,10 +272,10 @@ class _Checker:
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runner = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         scores = []
         for lr, hr in self.pairs:
-            sr = session.run(None, {self.input_name: lr})[0][0].transpose(1, 2, 0)
+            sr = runner.run(None, {self.input_name: lr})[0][0].transpose(1, 2, 0)
             scores.append(psnr(to_uint8(sr), hr, crop=self.scale))
         return float(np.mean(scores))
 
