@@ -12,7 +12,7 @@ from typing import List, Optional
 
 # sub-command modules, in the order ``--help`` lists them
 COMMANDS = ["upscale", "models", "weights", "eval", "degrade", "train", "data", "profile", "export", "ship",
-            "report", "serve"]
+            "quantize", "report", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,6 +67,9 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
     if weights is not None:
         if name is not None and name.lower() == BICUBIC:
             raise EvalError("the bicubic baseline takes no weights")
+        from .backends import is_onnx_file
+        if is_onnx_file(weights):
+            return _onnx_eval_model(name, weights, scale, device)
         from ..checkpoint import CheckpointError, load_model
         try:
             module = load_model(weights, device)
@@ -104,6 +107,21 @@ def load_eval_model(name: Optional[str] = None, weights: Optional[PathLike] = No
                     f"with --weights PATH")
 
 
+def _onnx_eval_model(name: Optional[str], weights: PathLike, scale: Optional[int], device: str) -> EvalModel:
+    """An ONNX export (``distillsr export`` / ``distillsr quantize``) run by onnxruntime; its
+    scale is read from the file's ``distillsr.scale`` metadata."""
+    from .onnx_backend import OnnxModel
+    try:
+        module = OnnxModel(weights, device)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise EvalError(str(e)) from e
+    if scale is not None and module.scale != scale:
+        raise EvalError(f"{weights}: the ONNX file is a x{module.scale} model, not x{scale}")
+    if name is not None and name.lower() != module.arch_name:
+        raise EvalError(f"{weights}: the ONNX file holds {module.arch_name!r}, not {name!r}")
+    return EvalModel(module.arch_name, str(weights), module)
+
+
 def release_protocol_for(model: EvalModel) -> dict:
     """The release test path of the evaluated network (``eval --protocol release``)."""
     from ..releases import ReleaseError, release_protocol
@@ -128,8 +146,10 @@ def make_upscaler(model: EvalModel, scale: int, *, tile: Optional[int] = None, t
             raise EvalError("tiling, chop and self-ensemble apply to networks, not to the bicubic baseline")
         return lambda lr: imresize(lr, scale)
     from ..kernels import prepare_for_inference
-    module = prepare_for_inference(model.module.to(device))  # eval mode, fused CPU kernels
-    param = next(module.parameters(), None)
+    module = model.module
+    if isinstance(module, torch.nn.Module):
+        module = prepare_for_inference(module.to(device))  # eval mode, fused CPU kernels
+    param = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     try:
         forward = make_forward(module, scale, tile=tile, overlap=tile_overlap, chop=chop,
@@ -198,7 +218,7 @@ def _as_eval_model(model, scale: int, device: str, weights: Optional[str]) -> Ev
     """A name, a module or an EvalModel -> an EvalModel of scale ``scale``."""
     if isinstance(model, str):
         model = load_eval_model(model, scale=scale, device=device)
-    elif isinstance(model, torch.nn.Module):
+    elif not isinstance(model, EvalModel):  # an nn.Module, or a runner such as OnnxModel
         model = EvalModel(getattr(model, "arch_name", type(model).__name__), weights, model)
     if model.module is not None and getattr(model.module, "scale", scale) != scale:
         raise EvalError(f"model {model.name!r} is x{model.module.scale}, not x{scale}")

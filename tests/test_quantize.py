@@ -1,0 +1,257 @@
+"""``distillsr quantize``: int8 ONNX files that eval and upscale run, within 0.10 dB of fp32."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_path
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from distillsr.engine import quantize as Q  # noqa: E402
+
+
+def _in_process(*args):
+    """The CLI in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+    from distillsr.cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _eval_psnr(weights, data) -> float:
+    """Set5 PSNR through ``distillsr eval --json``."""
+    js = Path(weights).with_suffix(".json")
+    code, out, err = _in_process("eval", "--weights", weights, "--data", data, "--datasets", "Set5",
+                                 "--device", "cpu", "--json", js)
+    assert code == 0, err
+    assert "x4" in out
+    return json.loads(js.read_text())["results"][0]["psnr"]
+
+
+# ----------------------------------------------------------------------------- a small graph
+
+def _small_graph(path: Path, scale: int = 2) -> Path:
+    """conv -> LayerNorm -> conv -> Softmax(channels) * feature -> conv -> DepthToSpace, with a
+    decomposed LayerNorm (ReduceMean / Sub) tagged by its module class as the exporter does."""
+    rng = np.random.default_rng(0)
+    c = 8
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    def scoped(node, scopes, classes):
+        for key, value in (("pkg.torch.onnx.name_scopes", repr(scopes)),
+                           ("pkg.torch.onnx.class_hierarchy", repr(classes))):
+            e = node.metadata_props.add()
+            e.key, e.value = key, value
+        return node
+
+    net = "tiny.Net"
+    nodes = [
+        scoped(helper.make_node("Conv", ["input", "w1", "b1"], ["f1"], "conv1", pads=[1, 1, 1, 1]),
+               ["", "head", "conv"], [net, "Conv2d", "conv"]),
+        helper.make_node("Transpose", ["f1"], ["t1"], "to_nhwc", perm=[0, 2, 3, 1]),
+        scoped(helper.make_node("LayerNormalization", ["t1", "g", "beta"], ["t2"], "ln", axis=-1),
+               ["", "norm", "ln"], [net, "LayerNorm", "ln"]),
+        helper.make_node("Transpose", ["t2"], ["f2"], "to_nchw", perm=[0, 3, 1, 2]),
+        scoped(helper.make_node("Conv", ["f2", "w2", "b2"], ["f3"], "conv2", pads=[1, 1, 1, 1]),
+               ["", "body", "conv"], [net, "Conv2d", "conv"]),
+        scoped(helper.make_node("ReduceMean", ["f3", "axes"], ["mu"], "ln2_mean", keepdims=1),
+               ["", "norm2", "mean"], [net, "distillsr.models.asid.LayerNorm2d", "mean"]),
+        scoped(helper.make_node("Sub", ["f3", "mu"], ["f4"], "ln2_sub"),
+               ["", "norm2", "sub"], [net, "distillsr.models.asid.LayerNorm2d", "sub"]),
+        scoped(helper.make_node("Softmax", ["f4"], ["a"], "softmax", axis=1),
+               ["", "attn", "softmax"], [net, "Attention", "softmax"]),
+        scoped(helper.make_node("Mul", ["a", "f4"], ["f5"], "gate"), ["", "attn", "mul"], [net, "Attention", "mul"]),
+        scoped(helper.make_node("Add", ["f5", "f1"], ["f6"], "skip"), ["", "add"], [net, "add"]),
+        scoped(helper.make_node("Conv", ["f6", "w3", "b3"], ["f7"], "conv3", pads=[1, 1, 1, 1]),
+               ["", "tail", "conv"], [net, "Conv2d", "conv"]),
+        helper.make_node("DepthToSpace", ["f7"], ["output"], "shuffle", blocksize=scale, mode="CRD"),
+    ]
+    inits = [w("w1", c, 3, 3, 3), w("b1", c), w("w2", c, c, 3, 3), w("b2", c),
+             w("w3", 3 * scale * scale, c, 3, 3), w("b3", 3 * scale * scale),
+             numpy_helper.from_array(np.ones(c, np.float32), "g"), numpy_helper.from_array(np.zeros(c, np.float32), "beta"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 3, None, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    for k, v in (("distillsr.scale", str(scale)), ("distillsr.arch", "tiny")):
+        e = model.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def _photos(folder: Path, n: int = 4, side: int = 96) -> Path:
+    from distillsr.io import write_image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        base = np.linspace(0, 255, side)[None, :, None] * np.ones((side, 1, 3))
+        img = np.clip(base + rng.normal(0, 20, (side, side, 3)), 0, 255).astype(np.uint8)
+        write_image(folder / f"p{i}.png", img)
+    return folder
+
+
+def _producers(proto):
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+def test_float_nodes_and_units_of_a_small_graph(tmp_path):
+    proto = onnx.load(_small_graph(tmp_path / "tiny.onnx"))
+    assert set(Q.float_nodes(proto)) == {"ln", "ln2_mean", "ln2_sub", "softmax"}
+    layers = Q.graph_units(proto, "layer")
+    assert layers == {"head": ["conv1"], "body": ["conv2"], "(top)": ["skip", "shuffle"], "tail": ["conv3"]}
+    # Mul (a gate) is not quantised; a block is the top-level module
+    assert Q.graph_units(proto, "block") == layers
+
+
+def test_layernorm_and_softmax_stay_float_after_static_quantisation(tmp_path):
+    src = _small_graph(tmp_path / "tiny.onnx")
+    out = tmp_path / "tiny_int8.onnx"
+    report = Q.quantize(src, out, calib_dir=_photos(tmp_path / "photos"), calib_count=4, calib_size=16,
+                        check_count=2, granularity="layer", max_drop=100.0)
+    proto = onnx.load(out)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert report.qdq_nodes == ops.count("QuantizeLinear") + ops.count("DequantizeLinear")
+    made_by = _producers(proto)
+    for n in proto.graph.node:
+        if n.name in ("ln", "ln2_mean", "ln2_sub", "softmax"):
+            assert n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            # every input of a float node is a float tensor (no QuantizeLinear feeds it)
+            for i in n.input:
+                assert i not in made_by or made_by[i].op_type != "QuantizeLinear"
+    # the three convolutions run on int8 weights (initialisers behind DequantizeLinear)
+    inits = {i.name: i for i in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3
+    for conv in convs:
+        dq = made_by[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT8
+    assert [u.unit for u in report.units] == ["head", "body", "(top)", "tail"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["distillsr.scale"] == "2" and json.loads(meta["distillsr.quantization"])["method"] == "static"
+
+
+def test_sensitive_units_are_kept_float_until_the_cost_fits(tmp_path):
+    src = _small_graph(tmp_path / "tiny.onnx")
+    photos = _photos(tmp_path / "photos")
+    loose = Q.quantize(src, tmp_path / "a.onnx", calib_dir=photos, calib_count=4, calib_size=16, check_count=2,
+                       max_drop=100.0)
+    # an unreachable target: every unit ends up float, the most sensitive first
+    strict = Q.quantize(src, tmp_path / "b.onnx", calib_dir=photos, calib_count=4, calib_size=16, check_count=2,
+                        max_drop=-1.0)
+    assert loose.kept_float == [] and len(loose.units) == 4
+    by_cost = [u.unit for u in sorted(loose.units, key=lambda u: -u.drop_db)]
+    assert strict.kept_float == by_cost
+    assert strict.drop_db == 0.0  # all float: the float network's PSNR
+    assert strict.qdq_nodes < loose.qdq_nodes
+
+
+# ----------------------------------------------------------------------------- E-RFDN end to end
+
+@pytest.fixture(scope="module")
+def erfdn_int8(tmp_path_factory):
+    """The released E-RFDN x4 quantised through the CLI with a small calibration set."""
+    weights = shared_path("weights", "official", "rfdn_aim_x4.pth")
+    calib = shared_path("data", "train_photos")
+    out = tmp_path_factory.mktemp("q") / "q.onnx"
+    code, stdout, err = _in_process("quantize", "--weights", weights, "--scale", 4, "-o", out, "--calib", calib,
+                                    "--calib-count", 16, "--check-count", 8, "--sensitivity", "block")
+    assert code == 0, err
+    return out, stdout
+
+
+def test_erfdn_int8_costs_at_most_a_tenth_of_a_db_on_set5(erfdn_int8, tmp_path):
+    out, stdout = erfdn_int8
+    data = shared_path("data", "benchmark")
+    weights = tmp_path / "rfdn_aim_x4.pth"  # the fp32 network, as torch runs it
+    weights.write_bytes(shared_path("weights", "official", "rfdn_aim_x4.pth").read_bytes())
+    cost = _eval_psnr(weights, data) - _eval_psnr(out, data)
+    assert cost <= 0.10, stdout
+    proto = onnx.load(out)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 20  # most of the network is int8
+    report = json.loads(Path(str(out) + ".sensitivity.json").read_text())
+    assert report["units"] and report["drop_db"] <= report["max_drop_db"]
+    assert "sensitivity" in stdout and "drop dB" in stdout
+
+
+def test_upscale_runs_the_int8_file(erfdn_int8, tmp_path):
+    from distillsr.io import read_image, write_image
+    out, _ = erfdn_int8
+    lr = (np.random.default_rng(0).random((20, 28, 3)) * 255).astype(np.uint8)
+    write_image(tmp_path / "in" / "a.png", lr)
+    code, _, err = _in_process("upscale", tmp_path / "in" / "a.png", "-o", tmp_path / "out", "--backend",
+                               "onnxruntime", "--weights", out, "--device", "cpu")
+    assert code == 0, err
+    assert read_image(tmp_path / "out" / "a.png")[0].shape == (80, 112, 3)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _main(capsys, *args):
+    """The CLI in this process: (exit status, stdout, stderr)."""
+    from distillsr.cli.main import main
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bad_input_gives_clear_errors_and_no_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DISTILLSR_DATA", raising=False)
+    out = tmp_path / "q.onnx"
+    tiny = _small_graph(tmp_path / "tiny.onnx")
+    photos = _photos(tmp_path / "photos", n=2)
+    small = ("--calib-size", 16, "--calib-count", 2, "--check-count", 2)
+    code, _, err = _main(capsys, "quantize", "--model", "e-rfdn-release", "-o", out, "--calib", photos)
+    assert code == 2 and "--scale" in err
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx file at all")
+    code, _, err = _main(capsys, "quantize", "--weights", corrupt, "-o", out, "--calib", photos)
+    assert code == 2 and "corrupt.onnx" in err and "ONNX" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", out, "--calib", empty, *small)
+    assert code == 2 and "empty" in err and "--calib" in err
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", out, "--calib", tmp_path / "nowhere")
+    assert code == 2 and "no such folder" in err
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "--scale", 3, "-o", out, "--calib", photos)
+    assert code == 2 and "x2, not x3" in err
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", tmp_path / "q.bin", "--calib", photos)
+    assert code == 2 and ".onnx" in err
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", out)  # no photos, no DISTILLSR_DATA
+    assert code == 2 and "--calib DIR" in err
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", out, "--calib", photos, "--calib-size", 64)
+    assert code == 2 and "large enough for a 64x64 LR crop at x2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx", "empty", "photos", "tiny.onnx"]
+    # an int8 file is not quantised twice; eval names a corrupt ONNX file
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", out, "--calib", photos, *small,
+                         "--sensitivity", "off")
+    assert code == 0, err
+    code, _, err = _main(capsys, "quantize", "--weights", out, "-o", tmp_path / "again.onnx", "--calib", photos)
+    assert code == 2 and "already quantised" in err
+    code, _, err = _main(capsys, "eval", "--weights", corrupt, "--data", tmp_path, "--device", "cpu")
+    assert code == 1 and "corrupt.onnx" in err
+
+
+def test_dynamic_quantisation_needs_no_photos(tmp_path, capsys):
+    tiny = _small_graph(tmp_path / "tiny.onnx")
+    out = tmp_path / "d.onnx"
+    code, _, err = _main(capsys, "quantize", "--weights", tiny, "-o", out, "--method", "dynamic")
+    assert code == 0, err
+    from distillsr.engine.onnx_backend import OnnxModel
+    import torch
+    m = OnnxModel(out)
+    assert m.scale == 2 and tuple(m(torch.rand(1, 3, 9, 11)).shape) == (1, 3, 18, 22)
+    proto = onnx.load(out)
+    assert any(n.op_type in ("ConvInteger", "DynamicQuantizeLinear") for n in proto.graph.node)
