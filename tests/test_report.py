@@ -245,3 +245,21 @@ def test_bad_input_fails_clearly(tmp_path, capsys):
                  "bicubic", "--scales", "4", "--quick", "--crop", "baby:0,0,48,48"]) == 1
     assert "--crop baby: no image of that name in Set5 (--quick keeps" in capsys.readouterr().err
     assert not (tmp_path / "d" / "index.html").exists()
+
+
+def test_fig6_query_pixel_is_the_one_asked_for(tmp_path):
+    from distillsr.report.build import _fig6, parse_query
+    from distillsr.report.measure import ModelSpec
+    data = shared_path("data", "benchmark")
+    specs = [ModelSpec("bicubic", 4)]
+    got = _fig6(specs, ["Set5"], data, tmp_path, print, parse_query("5,7"))
+    assert got["query"] == [5, 7]
+    with Image.open(tmp_path / got["file"]) as im:
+        im.load()
+    default = _fig6(specs, ["Set5"], data, tmp_path, print)
+    assert default["query"] != [5, 7]
+    with pytest.raises(ReportError, match="outside"):
+        _fig6(specs, ["Set5"], data, tmp_path, print, (10_000, 3))
+    for bad in ["5", "a,b", "-1,3"]:
+        with pytest.raises(ReportError, match="--query"):
+            parse_query(bad)

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                    help="training run folders (`distillsr train` output) for learning curves")
     p.add_argument("--crop", action="append", default=[], metavar="IMAGE:X,Y,W,H",
                    help="a Fig. 5 crop in HR pixels (repeatable); default: where the models differ most")
+    p.add_argument("--query", metavar="ROW,COL",
+                   help="the Fig. 6 query pixel, in LR pixels of the first set's first image (default: its centre)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--quick", action="store_true",
                    help="the two smallest images per set and a small output size for Table 2 (for tests)")
@@ -43,7 +45,7 @@ def run(args) -> int:
     try:
         build_report(args.out, args.data, args.datasets, models=args.models, weights=args.weights,
                      scales=args.scales, runs=args.runs, device=args.device, quick=args.quick, crops=args.crop,
-                     command=command)
+                     query=args.query, command=command)
     except (ReportError, OSError) as e:
         print(f"distillsr report: error: {e}", file=sys.stderr)
         return 1

@@ -52,6 +52,17 @@ def parse_crop(text: str) -> Tuple[str, int, int, int, int]:
     return name, x, y, w, h
 
 
+def parse_query(text: str) -> Tuple[int, int]:
+    """``row,col`` (LR pixels of the Fig. 6 image) -> (row, col)."""
+    try:
+        row, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ReportError(f"--query {text!r}: expected ROW,COL (LR pixels, e.g. 60,40)") from None
+    if row < 0 or col < 0:
+        raise ReportError(f"--query {text!r}: row and column must be >= 0")
+    return row, col
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -59,7 +70,8 @@ def _stderr(msg: str) -> None:
 def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence[str]] = None, *,
                  models: Optional[Sequence[str]] = None, weights: Sequence[PathLike] = (),
                  scales: Sequence[int] = (2, 3, 4), runs: Sequence[PathLike] = (), device: Optional[str] = None,
-                 quick: bool = False, crops: Sequence[str] = (), progress: Optional[bool] = None,
+                 quick: bool = False, crops: Sequence[str] = (), query: Optional[str] = None,
+                 progress: Optional[bool] = None,
                  log: Callable[[str], None] = _stderr, command: str = "") -> dict:
     """Write ``out/index.html`` (figures under ``out/figures``) and ``out/results.json``;
     returns the content of ``results.json``. See ``docs/report.md``."""
@@ -73,6 +85,7 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
     if not scales or min(scales) < 1:
         raise ReportError(f"--scales must be positive integers, got {list(scales)}")
     crop_specs = [parse_crop(c) for c in crops]
+    query_pixel = parse_query(query) if query else None
     try:
         device = str(select_device(device or "cpu"))
     except ValueError as e:
@@ -147,7 +160,7 @@ def build_report(out: PathLike, data_root: PathLike, datasets: Optional[Sequence
     if panels:
         figs["fig1"] = figures.fig_psnr_params(panels, figdir / "fig1_psnr_params.png").name
     figs["fig5"] = _fig5(specs, datasets, scales, data, sr_dirs, crop_specs, figdir, quick)
-    figs["fig6"] = _fig6(specs, datasets, data, figdir, log)
+    figs["fig6"] = _fig6(specs, datasets, data, figdir, log, query_pixel)
     depth, ablation, fig7 = _fig7_tables(results, lit, datasets, cache, figdir, size)
     figs["fig7"] = fig7
     curves = _curves(runs, figdir)
@@ -320,7 +333,7 @@ def _fig5(specs, datasets, scales, data, sr_dirs, crop_specs, figdir, quick) -> 
 
 
 # ----------------------------------------------------------------------------- Fig. 6
-def _fig6(specs, datasets, data, figdir, log) -> Optional[dict]:
+def _fig6(specs, datasets, data, figdir, log, query: Optional[Tuple[int, int]] = None) -> Optional[dict]:
     from ..data.benchmark import BenchmarkSet
     cand = [sp for sp in specs if sp.arch in ("asid", "asid-d8")]
     if cand:
@@ -335,7 +348,11 @@ def _fig6(specs, datasets, data, figdir, log) -> Optional[dict]:
     bset = BenchmarkSet(data, datasets[0], spec.scale)
     item = bset.load(0)
     h, w = item.lr.shape[:2]
-    query = (h // 2, w // 2)
+    if query is None:
+        query = (h // 2, w // 2)
+    elif not (query[0] < h and query[1] < w):
+        raise ReportError(f"--query {query[0]},{query[1]}: outside {datasets[0]}/{item.name}, whose LR image "
+                          f"is {h} rows x {w} columns")
     maps = figures.attention_maps(module, item.lr, query)
     fname = "fig6_attention.png"
     figures.fig_attention(item.lr, query, maps, f"{what} x{spec.scale}: the six attention maps of block 1 "
