@@ -263,3 +263,21 @@ def test_fig6_query_pixel_is_the_one_asked_for(tmp_path):
     for bad in ["5", "a,b", "-1,3"]:
         with pytest.raises(ReportError, match="--query"):
             parse_query(bad)
+
+
+def test_a_long_label_is_wrapped_to_stay_inside_the_axes():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from distillsr.report.figures import place_labels
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlim(0, 1000)
+    ax.set_ylim(26, 34)
+    ax.scatter([430], [26.2])
+    text = "e-rfdn (random_erfdn_x4.safetensors) (release): 9.29 dB (below)"
+    (label,) = place_labels(ax, [430], [26.2], [text])
+    renderer = fig.canvas.get_renderer()
+    box, axbox = label.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert "\n" in label.get_text() and label.get_text().replace("\n", " ") == text
+    assert axbox.x0 <= box.x0 and box.x1 <= axbox.x1 and axbox.y0 <= box.y0 and box.y1 <= axbox.y1
+    plt.close(fig)

@@ -6,6 +6,7 @@ labels beside points are placed so that they do not overlap (:func:`place_labels
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -71,32 +72,47 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
     out = []
     order = sorted(range(len(texts)), key=lambda i: -ys[i])
     for i in order:
-        best = None
-        own = np.sqrt(sizes[i]) / 2 if sizes and sizes[i] else 3
-        for dx, dy, ha, va, ring in candidates:
-            r = ring + own
-            scale = r / max(np.hypot(dx, dy), 1e-9)
-            # measured without a leader line (an Annotation's extent would include it)
-            t = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx * scale, dy * scale), textcoords="offset points",
-                            ha=ha, va=va, fontsize=fontsize, color=(colours[i] if colours else "black"), zorder=5)
-            bb = t.get_window_extent(renderer).expanded(1.06, 1.15)
-            # other markers count with a margin, so that a label never sits closer to another point
-            overlap = sum(_area(bb, p) for p in placed) + 0.3 * sum(
-                _area(bb, m.padded(7 * px)) for k, m in enumerate(markers) if k != i)
-            outside = (bb.x0 < axbox.x0) + (bb.x1 > axbox.x1) + (bb.y0 < axbox.y0) + (bb.y1 > axbox.y1)
-            score = overlap + outside * 1e7 + ring * 0.01
-            t.remove()
-            if best is None or score < best[0]:
-                best = (score, (dx * scale, dy * scale, ha, va, ring), bb)
-            if overlap == 0 and not outside:
-                break
+        text = texts[i]
+        best = _best_spot(ax, renderer, axbox, xs[i], ys[i], text, i, candidates, placed, markers, sizes,
+                          fontsize, colours, px)
+        if best[0] >= 1e7 and len(text) > 24:  # fits nowhere inside the axes: try it on several lines
+            wrapped = textwrap.fill(text, 24, break_long_words=False, break_on_hyphens=False)
+            second = _best_spot(ax, renderer, axbox, xs[i], ys[i], wrapped, i, candidates, placed, markers, sizes,
+                                fontsize, colours, px)
+            if second[0] < best[0]:
+                best, text = second, wrapped
         dx, dy, ha, va, ring = best[1]
         arrow = dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=1, shrinkB=2) if ring > 6 else None
-        t = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+        t = ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
                         fontsize=fontsize, color=(colours[i] if colours else "black"), arrowprops=arrow, zorder=5)
         placed.append(best[2])
         out.append(t)
     return out
+
+
+def _best_spot(ax, renderer, axbox, x, y, text, i, candidates, placed, markers, sizes, fontsize, colours, px):
+    """(score, (dx, dy, ha, va, ring), box) of the first free candidate position for one label,
+    or of the least overlapping one; a score >= 1e7 means it leaves the axes."""
+    best = None
+    own = np.sqrt(sizes[i]) / 2 if sizes and sizes[i] else 3
+    for dx, dy, ha, va, ring in candidates:
+        r = ring + own
+        scale = r / max(np.hypot(dx, dy), 1e-9)
+        # measured without a leader line (an Annotation's extent would include it)
+        t = ax.annotate(text, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points",
+                        ha=ha, va=va, fontsize=fontsize, color=(colours[i] if colours else "black"), zorder=5)
+        bb = t.get_window_extent(renderer).expanded(1.06, 1.15)
+        # other markers count with a margin, so that a label never sits closer to another point
+        overlap = sum(_area(bb, p) for p in placed) + 0.3 * sum(
+            _area(bb, m.padded(7 * px)) for k, m in enumerate(markers) if k != i)
+        outside = (bb.x0 < axbox.x0) + (bb.x1 > axbox.x1) + (bb.y0 < axbox.y0) + (bb.y1 > axbox.y1)
+        score = overlap + outside * 1e7 + ring * 0.01
+        t.remove()
+        if best is None or score < best[0]:
+            best = (score, (dx * scale, dy * scale, ha, va, ring), bb)
+        if overlap == 0 and not outside:
+            break
+    return best
 
 
 def _area(a, b) -> float:
