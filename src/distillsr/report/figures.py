@@ -73,10 +73,12 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
     order = sorted(range(len(texts)), key=lambda i: -ys[i])
     for i in order:
         text = texts[i]
+        if len(text) > 32:  # long labels (file names, values below the axis) go on several lines
+            text = textwrap.fill(text, 28, break_long_words=False, break_on_hyphens=False)
         best = _best_spot(ax, renderer, axbox, xs[i], ys[i], text, i, candidates, placed, markers, sizes,
                           fontsize, colours, px)
-        if best[0] >= 1e7 and len(text) > 24:  # fits nowhere inside the axes: try it on several lines
-            wrapped = textwrap.fill(text, 24, break_long_words=False, break_on_hyphens=False)
+        if best[0] >= 1e7 and len(text) > 20:  # fits nowhere inside the axes: try narrower lines
+            wrapped = textwrap.fill(text.replace("\n", " "), 20, break_long_words=False, break_on_hyphens=False)
             second = _best_spot(ax, renderer, axbox, xs[i], ys[i], wrapped, i, candidates, placed, markers, sizes,
                                 fontsize, colours, px)
             if second[0] < best[0]:
