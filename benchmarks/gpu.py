@@ -33,7 +33,6 @@ weights and input in fp32 (TF32 off), bf16 and fp16; the cost is the half-type P
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -130,14 +129,9 @@ def _skip_reason(v: Variant, device: torch.device) -> Optional[str]:
     return "TF32 is a CUDA mode"
 
 
-@contextlib.contextmanager
 def _tf32(allowed: bool):
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    from distillsr.engine.profile import tf32
+    return tf32(allowed)
 
 
 def _capture_graph(net: torch.nn.Module, x: torch.Tensor, warmup: int) -> Callable[[], object]:

@@ -28,7 +28,6 @@ probe, validation on one image and ship scoring on Set5 alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -147,14 +146,9 @@ def ship_if_better(weights: Path, scale: int, bench: Path, sets: Sequence[str], 
     return result
 
 
-@contextlib.contextmanager
 def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    from distillsr.engine.profile import tf32
+    return tf32(False)
 
 
 # ----------------------------------------------------------------------------- one scale

@@ -43,7 +43,7 @@ from ..kernels import prepare_for_inference
 
 __all__ = ["Cost", "count_cost", "input_size_for_output", "measure_latency", "measure_sgemm",
            "peak_memory", "tune_cpu_allocator", "ProfileResult", "profile_model", "DTYPES",
-           "parse_size"]
+           "parse_size", "tf32"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _aten = torch.ops.aten
@@ -209,13 +209,18 @@ def measure_sgemm(device: Union[str, torch.device] = "cpu", n: int = 2048, repea
 
 
 @contextlib.contextmanager
-def _no_tf32():
+def tf32(allowed: bool):
+    """CUDA's TF32 matmul/conv mode on or off inside the block, restored after it."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _no_tf32():
+    return tf32(False)
 
 
 def _rss_peak_kib() -> Optional[int]:
