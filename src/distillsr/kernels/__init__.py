@@ -319,7 +319,7 @@ ACTS = {None: 0, "gelu": 1, "sigmoid": 2}
 
 def linear_width(n: int) -> bool:
     """Whether the C kernel computes products of ``n`` outputs: one of ``LINEAR_WIDTHS``, or
-    a multiple of 12 (run as column chunks of at most 48)."""
+    a multiple of 12 (run as column chunks of 24)."""
     return n in LINEAR_WIDTHS or n % 12 == 0
 
 

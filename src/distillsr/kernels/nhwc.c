@@ -571,10 +571,10 @@ void attention_scores(const float *q, const float *k, long ts, long gs, const fl
 /* ------------------------------------------------------------------ small products */
 /* y[m] = act(x[m] W^T + bias) (+ add[m]) for M rows of K floats at stride xs, W given
  * transposed (K, N); act 0 none, 1 GELU, 2 sigmoid. R rows at a time against NC = 8 NV +
- * 4 TAIL outputs (12 to 48), the accumulators in registers: where N and K are small (1x1
- * convs of 12-48 channels) oneDNN reaches only a third to a half of the machine's rate.
- * Wider products (N a multiple of 12) run as column chunks of at most 48 while the rows
- * are in cache; ldn is the row stride of W^T and y (the full N), lda that of add. */
+ * 4 TAIL outputs, the accumulators in registers: where N and K are small (1x1 convs of
+ * 12-48 channels) oneDNN reaches only a third to a half of the machine's rate. Wider
+ * products run as column chunks of 24 while the rows are in cache; ldn is the row stride
+ * of W^T and y (the full N), lda that of add. */
 #define LIN_MAX_R 8
 ALWAYS_INLINE v8f sigmoid8(v8f x) { return 1.0f / (1.0f + exp8(-x)); }
 
@@ -586,7 +586,7 @@ ALWAYS_INLINE v4f_ sigmoid4(v4f_ x) {
 ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const float *bias,
                                const float *add, long lda, float *y, long ldn, int K, int act,
                                const int R, const int NV, const int TAIL) {
-    v8f acc[LIN_MAX_R][6];
+    v8f acc[LIN_MAX_R][3];
     v4f_ acct[LIN_MAX_R];
     for (int r = 0; r < R; r++) {
         for (int v = 0; v < NV; v++) acc[r][v] = bias ? load8_(bias + 8 * v) : (v8f){0};
@@ -594,7 +594,7 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
     }
     for (int k = 0; k < K; k++) {
         const float *wk = wt + (long)k * ldn;
-        v8f w[6];
+        v8f w[3];
         for (int v = 0; v < NV; v++) w[v] = load8_(wk + 8 * v);
         v4f_ wtl = TAIL ? load4_(wk + 8 * NV) : (v4f_){0};
         for (int r = 0; r < R; r++) {
@@ -642,56 +642,29 @@ ALWAYS_INLINE void linear_block(const float *x, long xs, const float *wt, const 
                     act, 1, NV, TAIL);
 }
 
-/* columns [c, c + nc) of rows [m0, m0 + LIN_WIDE_ROWS), nc one of 12, 24, 36, 48 */
-#ifndef LIN_WIDE_ROWS
-#define LIN_WIDE_ROWS 8
-#endif
-static void linear_chunk(const float *x, long xs, const float *wt, const float *bias, const float *add,
-                         long lda, float *y, long ldn, long m0, long M, int K, int act, int c, int nc) {
-    const float *w = wt + c, *b = bias ? bias + c : NULL, *a = add ? add + c : NULL;
-    float *yc = y + c;
-    for (int r = 0; r < LIN_WIDE_ROWS; r += 8) {
-        if (nc == 48 || nc == 36) {
-            for (int h = 0; h < 8; h += 4) {
-                if (nc == 48) linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r + h, M, K, act, 4, 6, 0);
-                else linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r + h, M, K, act, 4, 4, 1);
-            }
-        } else if (nc == 24) {
-            linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 8, 3, 0);
-        } else {
-            linear_block(x, xs, w, b, a, lda, yc, ldn, m0 + r, M, K, act, 8, 1, 1);
-        }
-    }
-}
-
-/* returns 0 where N is neither one of the compiled widths (12, 16, 24, 32, 36, 48) nor a
- * multiple of 12 */
+/* returns 0 where N is neither 16 nor 32 nor a multiple of 12. Rows go in blocks of 8
+ * (split over the threads); each block runs against column chunks of 24 outputs (8 rows x
+ * 3 vectors: 24 accumulators in registers) while its rows are in cache, and a last chunk
+ * of 12 or 16. */
 int linear_small(const float *x, long xs, const float *wt, const float *bias, const float *add,
                  long lda, float *y, long M, int K, int N, int act, int threads) {
     if (N != 16 && N != 32 && N % 12) return 0;
-    if (N > 48) {
-        const long blocks = (M + LIN_WIDE_ROWS - 1) / LIN_WIDE_ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (long b = 0; b < blocks; b++)
-            for (int c = 0; c < N; c += 48)
-                linear_chunk(x, xs, wt, bias, add, lda, y, N, b * LIN_WIDE_ROWS, M, K, act, c,
-                             N - c < 48 ? N - c : 48);
-        return 1;
-    }
-    const int R = N >= 36 ? 4 : N == 32 ? 6 : 8;
-    const long blocks = (M + R - 1) / R;
+    const long blocks = (M + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long b = 0; b < blocks; b++) {
-#define LIN(r, nv, tail) linear_block(x, xs, wt, bias, add, lda, y, N, b * (r), M, K, act, r, nv, tail)
-        switch (N) {
-        case 12: LIN(8, 1, 1); break;
-        case 16: LIN(8, 2, 0); break;
-        case 24: LIN(8, 3, 0); break;
-        case 32: LIN(6, 4, 0); break;
-        case 36: LIN(4, 4, 1); break;
-        default: LIN(4, 6, 0); break; /* 48 */
-        }
-#undef LIN
+        int c = 0;
+        for (; c + 24 <= N; c += 24)
+            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
+                         b * 8, M, K, act, 8, 3, 0);
+        if (N - c == 16)
+            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
+                         b * 8, M, K, act, 8, 2, 0);
+        else if (N - c == 12)
+            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
+                         b * 8, M, K, act, 8, 1, 1);
+        else if (N - c == 8)
+            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
+                         b * 8, M, K, act, 8, 1, 0);
     }
     return 1;
 }
