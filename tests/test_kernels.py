@@ -263,3 +263,32 @@ def test_small_products_refuse_other_widths():
         assert kernels.linear(x, torch.randn(20, 8)) is None
         assert kernels.linear(x, torch.randn(50, 8)) is None
         assert kernels.linear(x, torch.randn(12, 8), act="relu") is None
+
+
+@pytest.mark.parametrize("shape", [(1, 360 // 8, 640 // 8, 48), (2, 5, 21, 37), (1, 17, 3, 12)])
+def test_nhwc_to_nchw(shape):
+    torch.manual_seed(sum(shape))
+    wide = torch.randn(*shape[:3], shape[3] + 3)
+    for x in (wide[..., :shape[3]].contiguous(), wide[..., 2:shape[3] + 2]):  # contiguous, channel slice
+        y = kernels.to_nchw(x)
+        assert y.is_contiguous() and y.shape == (shape[0], shape[3], shape[1], shape[2])
+        assert torch.equal(y, x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("widths", [(36, 12), (12, 12, 12, 12), (24, 12), (5, 7)])
+def test_small_product_of_a_concatenation(widths):
+    """``linear([a, b, ...], w)`` equals ``linear(cat([a, b, ...]), w)``, parts strided or not."""
+    torch.manual_seed(sum(widths))
+    base = torch.randn(1, 6, 7, sum(widths) + 9)
+    parts, c = [], 0
+    for i, k in enumerate(widths):
+        p = base[..., c + 1:c + 1 + k] if i % 2 else torch.randn(1, 6, 7, k)
+        parts.append(p)
+        c += k + 1
+    n = 48 if sum(widths) >= 24 else 12
+    w, b = torch.randn(n, sum(widths)) * 0.3, torch.randn(n)
+    with torch.inference_mode():
+        got = kernels.linear(parts, w, b)
+        ref = F.linear(torch.cat(parts, -1), w, b)
+        assert kernels.linear(parts + parts[:1], w) is None  # widths do not add up to K
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)

@@ -141,9 +141,11 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.attend_add_norm.argtypes = [P, P, L, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
     lib.attention_scores.argtypes = [P, P, L, L, P, F, P, L, I, I]
-    lib.linear_small.argtypes = [P, L, P, P, P, L, P, L, I, I, I, I]
+    lib.linear_small.argtypes = [P, P, P, I, P, P, P, L, P, L, I, I, I]
     lib.linear_small.restype = ctypes.c_int
-    for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores):
+    lib.nhwc_to_nchw.argtypes = [P, L, P, I, I, I, I, I]
+    for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
+              lib.nhwc_to_nchw):
         f.restype = None
     _lib = lib
     return lib
@@ -262,6 +264,16 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return y
 
 
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """The NHWC map ``x`` (B, H, W, C) as a contiguous NCHW tensor (B, C, H, W), copied into
+    the workspace by tiles."""
+    x, xs = _pixels(x)
+    b, h, w, c = x.shape
+    y = empty((b, c, h, w), x.dtype)
+    _kernels().nhwc_to_nchw(x.data_ptr(), xs, y.data_ptr(), b, h, w, c, torch.get_num_threads())
+    return y
+
+
 def token_norms(t: torch.Tensor) -> torch.Tensor:
     """L2 norm over the tokens of each group: (G, P, C) -> (G, C)."""
     g, p, c = t.shape
@@ -323,18 +335,26 @@ def linear_width(n: int) -> bool:
     return n in LINEAR_WIDTHS or n % 12 == 0
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def linear(x, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            act: Optional[str] = None, add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``act(x W^T + b)`` (+ ``add``) over the last dimension of ``x`` (..., K), ``act``
     None, "gelu" or "sigmoid", for ``weight`` (N, K) with ``linear_width(N)``; rows of ``x``
-    and of ``add`` may be strided (channel slices). Returns None for other widths (the caller uses oneDNN)."""
+    and of ``add`` may be strided (channel slices). ``x`` may be a list of up to four maps of
+    the same pixels: the product of their concatenation over channels, which is never
+    written out. Returns None for other widths (the caller uses oneDNN)."""
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
     n, k = weight.shape[0], weight.shape[-1]
-    if not linear_width(n) or act not in ACTS or x.shape[-1] != k:
+    if (not linear_width(n) or act not in ACTS or not 1 <= len(parts) <= 4
+            or sum(p.shape[-1] for p in parts) != k
+            or any(p.shape[:-1] != parts[0].shape[:-1] for p in parts)):
         return None
-    x2 = x.reshape(-1, k) if x.dim() != 2 else x
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    rows = []
+    for p in parts:
+        p2 = p.reshape(-1, p.shape[-1]) if p.dim() != 2 else p
+        if p2.stride(-1) != 1 or (p2.shape[0] > 1 and p2.stride(0) < p2.shape[1]):
+            p2 = p2.contiguous()
+        rows.append(p2)
+    m = rows[0].shape[0]
     wt = weight.detach().reshape(n, k).t().contiguous().float()
     b = _f32(bias)
     a = None
@@ -342,8 +362,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         a = add.reshape(m, n)
         if a.stride(-1) != 1:
             a = a.contiguous()
-    y = empty(x.shape[:-1] + (n,), x.dtype)
-    _kernels().linear_small(x2.data_ptr(), x2.stride(0), wt.data_ptr(), _ptr(b), _ptr(a),
-                            0 if a is None else a.stride(0), y.data_ptr(), m, k, n, ACTS[act],
+    y = empty(parts[0].shape[:-1] + (n,), parts[0].dtype)
+    ptrs = (ctypes.c_void_p * 4)(*[r.data_ptr() for r in rows])
+    strides = (ctypes.c_long * 4)(*[r.stride(0) for r in rows])
+    widths = (ctypes.c_int * 4)(*[r.shape[1] for r in rows])
+    _kernels().linear_small(ptrs, strides, widths, len(rows), wt.data_ptr(), _ptr(b), _ptr(a),
+                            0 if a is None else a.stride(0), y.data_ptr(), m, n, ACTS[act],
                             torch.get_num_threads())
     return y

@@ -18,7 +18,9 @@ Merges and fusions, by form:
   on every pixel); the residual add from tokens fused with the next LayerNorm.
 * ``LM``: GELU fused into the products and the depthwise conv; the dwconv sums its
   output for SE, and the SE gate (one per channel) is folded into ``conv_out``'s weight.
-* ``ESA``, ``IDB``, ``SerialBlock``: residual adds and the sigmoid fused into products.
+* ``ESA``, ``IDB``, ``SerialBlock``: residual adds and the sigmoid fused into products; an
+  IDB's concatenations read in place by the 1x1 conv that follows each (never written out).
+* ``ASID``: the deep features turned to NCHW for the upsampler by a tiled C copy.
 * ``ConvNHWC``: 1x1 convs in the small-product C kernel or oneDNN, others in oneDNN.
 * ``ASID``: the network runs each call with its workspace (``distillsr.kernels.workspace``)
   active, so that the maps of one call reuse the buffers of the previous one instead of
@@ -187,10 +189,21 @@ def cat(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, -1, out=kernels.empty(shape, tensors[0].dtype, tensors[0].device))
 
 
+def pw_of_cat(module: paper.ConvNHWC, parts: List[torch.Tensor]) -> torch.Tensor:
+    """``module(torch.cat(parts, -1))`` for a 1x1 conv: the C kernel reads the parts where
+    they are (the concatenation is never written out); otherwise a workspace ``cat``."""
+    if ops.c_kernels(parts[0]):
+        y = kernels.linear(parts, module.weight, module.bias)
+        if y is not None:
+            return y
+    return module(cat(parts))
+
+
 @register_form(paper.IDB)
 class FusedIDB(FusedForm, paper.IDB):
     def distill(self, x, shared):
-        """The paper's ``distill`` with its concatenations written into the workspace."""
+        """The paper's ``distill`` with each concatenation read in place by the 1x1 conv that
+        follows it."""
         if not (self.split and inference(x)):
             return super().distill(x, shared)
         q, out = self.q, []
@@ -201,13 +214,13 @@ class FusedIDB(FusedForm, paper.IDB):
             return t
 
         x = self.lm1(x)
-        x = self.pw1(cat([sam(0, self.sam1, x[..., q:]), x[..., :q]]))
+        x = pw_of_cat(self.pw1, [sam(0, self.sam1, x[..., q:]), x[..., :q]])
         r1 = x[..., :q]
         x = self.lm2(x[..., q:])
-        x = self.pw2(cat([sam(1, self.sam2, x[..., q:]), x[..., :q]]))
+        x = pw_of_cat(self.pw2, [sam(1, self.sam2, x[..., q:]), x[..., :q]])
         r2 = x[..., :q]
         x = self.lm3(x[..., q:])
-        x = self.pw3(cat([r1, r2, sam(2, self.sam3, x[..., q:]), x[..., :q]]))
+        x = pw_of_cat(self.pw3, [r1, r2, sam(2, self.sam3, x[..., q:]), x[..., :q]])
         return self.cam(x), out
 
     def forward(self, x, shared):
@@ -241,8 +254,11 @@ class FusedASID(FusedForm, paper.ASID):
             return super().features(x)
         f0 = paper._nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
         y, first = self.body(f0)
-        f = paper._nchw(ops.conv_add_(self.fuse, y, f0))  # F_0 + fuse(F_N) in F_0's memory
+        f = ops.conv_add_(self.fuse, y, f0)  # F_0 + fuse(F_N) in F_0's memory
         # NCHW for the upsampler (see forward_native), into a workspace buffer
+        if ops.c_kernels(f):
+            return kernels.to_nchw(f), first
+        f = paper._nchw(f)
         return kernels.empty(f.shape, f.dtype, f.device).copy_(f), first
 
     def forward_native(self, x):

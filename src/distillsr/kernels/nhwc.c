@@ -283,18 +283,90 @@ ALWAYS_INLINE v4f_ gelu4(v4f_ x) {
         }                                                                                 \
     } while (0)
 
+/* Two neighbouring interior pixels (j, j + 1; 0 < j, j + 2 < W) at once: each weight
+ * vector is loaded once for both, each input vector once per row (4 columns for 2 outputs
+ * instead of 3 for 1). A (pixel j) and B (pixel j + 1) sum their taps in the order of
+ * DW_CONV. */
+#define DW_TAP2(A, B, xp, w)                                                          \
+    do {                                                                              \
+        const float *xp_ = (xp), *w_ = (w);                                           \
+        for (int t_ = 0; t_ < 3; t_++) {                                              \
+            const float *xt_ = xp_ + t_ * xs, *wt_ = w_ + t_ * C;                     \
+            const float *xu_ = xt_ + xs;                                              \
+            v8f w8_;                                                                  \
+            w8_ = load8_(wt_); A##0 += w8_ * load8_(xt_); B##0 += w8_ * load8_(xu_);  \
+            if (NV > 1) { w8_ = load8_(wt_ + 8); A##1 += w8_ * load8_(xt_ + 8); B##1 += w8_ * load8_(xu_ + 8); } \
+            if (NV > 2) { w8_ = load8_(wt_ + 16); A##2 += w8_ * load8_(xt_ + 16); B##2 += w8_ * load8_(xu_ + 16); } \
+            if (NV > 3) { w8_ = load8_(wt_ + 24); A##3 += w8_ * load8_(xt_ + 24); B##3 += w8_ * load8_(xu_ + 24); } \
+            if (NV > 4) { w8_ = load8_(wt_ + 32); A##4 += w8_ * load8_(xt_ + 32); B##4 += w8_ * load8_(xu_ + 32); } \
+            if (NV > 5) { w8_ = load8_(wt_ + 40); A##5 += w8_ * load8_(xt_ + 40); B##5 += w8_ * load8_(xu_ + 40); } \
+            if (TAIL) { v4f_ w4_ = load4_(wt_ + 8 * NV);                              \
+                A##t += w4_ * load4_(xt_ + 8 * NV); B##t += w4_ * load4_(xu_ + 8 * NV); } \
+        }                                                                             \
+    } while (0)
+#define DW_CONV2(A, B, x, wt)                                                             \
+    do {                                                                                  \
+        for (int di = -1; di <= 1; di++) {                                                \
+            if ((di < 0 && !top) || (di > 0 && !bottom)) continue;                        \
+            DW_TAP2(A, B, (x) + di * rs + (long)(j - 1) * xs, (wt) + (di + 1) * 3 * C);   \
+        }                                                                                 \
+    } while (0)
+
+ALWAYS_INLINE void dw_gelu_regs(v8f *a0, v8f *a1, v8f *a2, v8f *a3, v8f *a4, v8f *a5, v4f_ *at,
+                                const int NV, const int TAIL) {
+    if (NV == 1) *a0 = gelu8(*a0);
+    if (NV >= 2) gelu8x2(a0, a1);
+    if (NV == 3) *a2 = gelu8(*a2);
+    if (NV >= 4) gelu8x2(a2, a3);
+    if (NV == 5) *a4 = gelu8(*a4);
+    if (NV >= 6) gelu8x2(a4, a5);
+    if (TAIL) *at = gelu4(*at);
+}
+
 ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long rs, int top, int bottom,
                               const float *wt, const float *wt2, const float *bias, float *y,
                               const long *cols, int W, int act, const int NV, const int TAIL) {
     const int C = 8 * NV + 4 * TAIL;
     for (int j = 0; j < W; j++) {
         if (PF_AHEAD > 0 && bottom && j + PF_AHEAD < W) { /* the row below is the one read for the first time */
+            const int n_ = (j > 0 && j + 2 < W ? 2 : 1) * C * 4;
             const char *p_ = (const char *)(x + rs + (long)(j + PF_AHEAD) * xs);
-            for (int o = 0; o < C * 4; o += 64) __builtin_prefetch(p_ + o, 0, 3);
+            for (int o = 0; o < n_; o += 64) __builtin_prefetch(p_ + o, 0, 3);
             if (x2) {
                 p_ = (const char *)(x2 + rs + (long)(j + PF_AHEAD) * xs);
-                for (int o = 0; o < C * 4; o += 64) __builtin_prefetch(p_ + o, 0, 3);
+                for (int o = 0; o < n_; o += 64) __builtin_prefetch(p_ + o, 0, 3);
             }
+        }
+        if (j > 0 && j + 2 < W) { /* pixels j and j + 1 */
+            DW_VARS(a);
+            DW_VARS(b);
+            if (bias) {
+#define LOAD_BIAS2(v, k) a##k = b##k = load8_(bias + 8 * (k))
+                DW_EACH(a, LOAD_BIAS2);
+#undef LOAD_BIAS2
+                if (TAIL) at = bt = load4_(bias + 8 * NV);
+            }
+            DW_CONV2(a, b, x, wt);
+            if (act) {
+                dw_gelu_regs(&a0, &a1, &a2, &a3, &a4, &a5, &at, NV, TAIL);
+                dw_gelu_regs(&b0, &b1, &b2, &b3, &b4, &b5, &bt, NV, TAIL);
+            }
+            if (x2) {
+                DW_VARS(g);
+                DW_VARS(h);
+                DW_CONV2(g, h, x2, wt2);
+#define MUL2(v, k) do { a##k *= g##k; b##k *= h##k; } while (0)
+                DW_EACH(a, MUL2);
+#undef MUL2
+                if (TAIL) { at *= gt; bt *= ht; }
+            }
+            float *oa = y + cols[j] * C, *ob = y + cols[j + 1] * C;
+#define STORE2(v, k) do { memcpy(oa + 8 * (k), &a##k, sizeof(v8f)); memcpy(ob + 8 * (k), &b##k, sizeof(v8f)); } while (0)
+            DW_EACH(a, STORE2);
+#undef STORE2
+            if (TAIL) { memcpy(oa + 8 * NV, &at, sizeof at); memcpy(ob + 8 * NV, &bt, sizeof bt); }
+            j++;
+            continue;
         }
         DW_VARS(a);
         if (bias) {
@@ -583,8 +655,13 @@ ALWAYS_INLINE v4f_ sigmoid4(v4f_ x) {
     return __builtin_shufflevector(w, w, 0, 1, 2, 3);
 }
 
-ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const float *bias,
-                               const float *add, long lda, float *y, long ldn, int K, int act,
+/* the input of a product: up to LIN_MAX_SEG maps side by side (a concatenation over
+ * channels that is never written out), segment s with k[s] channels, rows at stride xs[s] */
+#define LIN_MAX_SEG 4
+typedef struct { const float *x[LIN_MAX_SEG]; long xs[LIN_MAX_SEG]; int k[LIN_MAX_SEG]; int n; } segs_t;
+
+ALWAYS_INLINE void linear_rows(const segs_t *sg, long m0, const float *wt, const float *bias,
+                               const float *add, long lda, float *y, long ldn, int act,
                                const int R, const int NV, const int TAIL) {
     v8f acc[LIN_MAX_R][3];
     v4f_ acct[LIN_MAX_R];
@@ -592,20 +669,24 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
         for (int v = 0; v < NV; v++) acc[r][v] = bias ? load8_(bias + 8 * v) : (v8f){0};
         if (TAIL) acct[r] = bias ? load4_(bias + 8 * NV) : (v4f_){0};
     }
-    for (int k = 0; k < K; k++) {
-        const float *wk = wt + (long)k * ldn;
-        v8f w[3];
-        for (int v = 0; v < NV; v++) w[v] = load8_(wk + 8 * v);
-        v4f_ wtl = TAIL ? load4_(wk + 8 * NV) : (v4f_){0};
-        for (int r = 0; r < R; r++) {
-            const float a = x[r * xs + k];
-            for (int v = 0; v < NV; v++) acc[r][v] += a * w[v];
-            if (TAIL) acct[r] += a * wtl;
+    const float *wk = wt;
+    for (int s = 0; s < sg->n; s++) {
+        const long xs = sg->xs[s];
+        const float *x = sg->x[s] + m0 * xs;
+        for (int k = 0; k < sg->k[s]; k++, wk += ldn) {
+            v8f w[3];
+            for (int v = 0; v < NV; v++) w[v] = load8_(wk + 8 * v);
+            v4f_ wtl = TAIL ? load4_(wk + 8 * NV) : (v4f_){0};
+            for (int r = 0; r < R; r++) {
+                const float a = x[r * xs + k];
+                for (int v = 0; v < NV; v++) acc[r][v] += a * w[v];
+                if (TAIL) acct[r] += a * wtl;
+            }
         }
     }
     for (int r = 0; r < R; r++) {
-        float *yr = y + (long)r * ldn;
-        const float *ar = add ? add + (long)r * lda : NULL;
+        float *yr = y + (m0 + r) * ldn;
+        const float *ar = add ? add + (m0 + r) * lda : NULL;
         if (act == 1) {
             int v = 0;
             for (; v + 1 < NV; v += 2) gelu8x2(&acc[r][v], &acc[r][v + 1]);
@@ -629,42 +710,64 @@ ALWAYS_INLINE void linear_rows(const float *x, long xs, const float *wt, const f
 }
 
 /* rows [m0, m0 + R) (the whole block R or, at the end, one row at a time) */
-ALWAYS_INLINE void linear_block(const float *x, long xs, const float *wt, const float *bias,
-                                const float *add, long lda, float *y, long ldn, long m0, long M, int K,
-                                int act, const int R, const int NV, const int TAIL) {
+ALWAYS_INLINE void linear_block(const segs_t *sg, const float *wt, const float *bias, const float *add,
+                                long lda, float *y, long ldn, long m0, long M, int act, const int R,
+                                const int NV, const int TAIL) {
     if (m0 + R <= M) {
-        linear_rows(x + m0 * xs, xs, wt, bias, add ? add + m0 * lda : NULL, lda, y + m0 * ldn, ldn, K,
-                    act, R, NV, TAIL);
+        linear_rows(sg, m0, wt, bias, add, lda, y, ldn, act, R, NV, TAIL);
         return;
     }
-    for (long m = m0; m < M; m++)
-        linear_rows(x + m * xs, xs, wt, bias, add ? add + m * lda : NULL, lda, y + m * ldn, ldn, K,
-                    act, 1, NV, TAIL);
+    for (long m = m0; m < M; m++) linear_rows(sg, m, wt, bias, add, lda, y, ldn, act, 1, NV, TAIL);
 }
 
-/* returns 0 where N is neither 16 nor 32 nor a multiple of 12. Rows go in blocks of 8
- * (split over the threads); each block runs against column chunks of 24 outputs (8 rows x
- * 3 vectors: 24 accumulators in registers) while its rows are in cache, and a last chunk
- * of 12 or 16. */
-int linear_small(const float *x, long xs, const float *wt, const float *bias, const float *add,
-                 long lda, float *y, long M, int K, int N, int act, int threads) {
+/* returns 0 where N is neither 16 nor 32 nor a multiple of 12, or nseg not 1 to 4. Rows go
+ * in blocks of 8 (split over the threads); each block runs against column chunks of 24
+ * outputs (8 rows x 3 vectors: 24 accumulators in registers) while its rows are in cache,
+ * and a last chunk of 12 or 16. */
+int linear_small(const float *const *xp, const long *xsv, const int *kv, int nseg, const float *wt,
+                 const float *bias, const float *add, long lda, float *y, long M, int N, int act,
+                 int threads) {
     if (N != 16 && N != 32 && N % 12) return 0;
+    if (nseg < 1 || nseg > LIN_MAX_SEG) return 0;
+    segs_t sg = {.n = nseg};
+    for (int s = 0; s < nseg; s++) { sg.x[s] = xp[s]; sg.xs[s] = xsv[s]; sg.k[s] = kv[s]; }
     const long blocks = (M + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long b = 0; b < blocks; b++) {
         int c = 0;
-        for (; c + 24 <= N; c += 24)
-            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
-                         b * 8, M, K, act, 8, 3, 0);
-        if (N - c == 16)
-            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
-                         b * 8, M, K, act, 8, 2, 0);
-        else if (N - c == 12)
-            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
-                         b * 8, M, K, act, 8, 1, 1);
-        else if (N - c == 8)
-            linear_block(x, xs, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, y + c, N,
-                         b * 8, M, K, act, 8, 1, 0);
+#define CHUNK(nv, tail) linear_block(&sg, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, \
+                                     y + c, N, b * 8, M, act, 8, nv, tail)
+        for (; c + 24 <= N; c += 24) CHUNK(3, 0);
+        if (N - c == 16) CHUNK(2, 0);
+        else if (N - c == 12) CHUNK(1, 1);
+        else if (N - c == 8) CHUNK(1, 0);
+#undef CHUNK
     }
     return 1;
+}
+
+/* ------------------------------------------------------------------ NHWC -> NCHW */
+/* y (B, C, H, W) contiguous = x (B, H, W, C), pixels at stride xs: tiles of 16 pixels x
+ * 16 channels, so that both the reads and the writes go a cache line at a time (PyTorch's
+ * copy of a permuted map goes element by element). */
+void nhwc_to_nchw(const float *x, long xs, float *y, int B, int H, int W, int C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++) {
+        const long b = bi / H, i = bi % H;
+        const float *xr = x + bi * W * xs;
+        float *yb = y + b * C * H * W + i * W;
+        for (int j0 = 0; j0 < W; j0 += 16) {
+            const int nj = W - j0 < 16 ? W - j0 : 16;
+            for (int c0 = 0; c0 < C; c0 += 16) {
+                const int nc = C - c0 < 16 ? C - c0 : 16;
+                float t[16][16];
+                for (int j = 0; j < nj; j++)
+                    for (int c = 0; c < nc; c++) t[c][j] = xr[(long)(j0 + j) * xs + c0 + c];
+                for (int c = 0; c < nc; c++) {
+                    float *yc = yb + (long)(c0 + c) * H * W + j0;
+                    for (int j = 0; j < nj; j++) yc[j] = t[c][j];
+                }
+            }
+        }
+    }
 }
