@@ -177,7 +177,7 @@ def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
     names = ("layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms", "attend_add_norm",
-             "attention_scores", "linear")
+             "attention_scores", "linear", "to_nchw")
     for name in names:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
@@ -196,8 +196,12 @@ def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
             m.setattr(kernels, "enabled", False)
             model(x)
         assert calls == []
+        real_cat = torch.cat
+        m_cats = []
+        monkeypatch.setattr(torch, "cat", lambda *a, **k: m_cats.append(1) or real_cat(*a, **k))
         model(x)
-    assert set(names) <= set(calls)
+    # an IDB's concatenations are read in place by the 1x1 convs after them
+    assert set(names) <= set(calls) and m_cats == []
     # with the C kernels every 1x1 conv runs in C; oneDNN sums fuse's conv into F0
     assert not ops.HAS_ONEDNN or "_convolution_pointwise_" in calls
 

@@ -193,7 +193,7 @@ def pw_of_cat(module: paper.ConvNHWC, parts: List[torch.Tensor]) -> torch.Tensor
     """``module(torch.cat(parts, -1))`` for a 1x1 conv: the C kernel reads the parts where
     they are (the concatenation is never written out); otherwise a workspace ``cat``."""
     if ops.c_kernels(parts[0]):
-        y = kernels.linear(parts, module.weight, module.bias)
+        y = kernels.linear(parts, module.weight.flatten(1), module.bias)
         if y is not None:
             return y
     return module(cat(parts))
