@@ -115,12 +115,16 @@ def test_sharing_blocks_skip_query_key_and_softmax(sharing, blocks, spatial_soft
     in_c = []  # the C kernel computes scores and softmax of a computing unit in one call
     real = kernels.attention_scores
     monkeypatch.setattr(kernels, "attention_scores", lambda *a: in_c.append(1) or real(*a))
+    in_ca = []  # and a channel attention's matrices, softmax and output in one call
+    real_ca = kernels.channel_attention
+    monkeypatch.setattr(kernels, "channel_attention", lambda *a: in_ca.append(1) or real_ca(*a))
     monkeypatch.setattr(kernels, "enabled", c_kernels)
     with CountCalls({"softmax"}) as counter, torch.no_grad():
         model(torch.rand(1, 3, 16, 16))
     channel_softmaxes = 2 * blocks  # CAM: meso and global channel attention in every block
-    assert len(counter.calls) + len(in_c) == spatial_softmaxes + channel_softmaxes
+    assert len(counter.calls) + len(in_c) + len(in_ca) == spatial_softmaxes + channel_softmaxes
     assert len(in_c) == (spatial_softmaxes if c_kernels else 0)
+    assert len(in_ca) == (channel_softmaxes if c_kernels else 0)
     later = [n for n, _ in model.blocks[1:].named_parameters() if "qkv" in n and "attn" in n]
     if sharing == "inter":
         assert later == []

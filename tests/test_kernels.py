@@ -176,8 +176,8 @@ def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
 def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
-    names = ("layer_norm", "add_tokens_norm", "dwconv3x3", "token_norms", "attend_add_norm",
-             "attention_scores", "linear", "to_nchw")
+    names = ("layer_norm", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
+             "attention_scores", "linear", "to_nchw", "channel_attention")
     for name in names:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
@@ -295,4 +295,21 @@ def test_small_product_of_a_concatenation(widths):
         got = kernels.linear(parts, w, b)
         ref = F.linear(torch.cat(parts, -1), w, b)
         assert kernels.linear(parts + parts[:1], w) is None  # widths do not add up to K
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("g, p, c", [(7, 64, 48), (3, 100, 48), (5, 13, 16), (2, 64, 24), (1, 5, 8)])
+def test_channel_attention_with_its_projection(g, p, c):
+    """The C kernel equals the paper's matrices, product and output projection."""
+    from distillsr.models.asid import ChannelAttention
+    torch.manual_seed(g * p + c)
+    m = ChannelAttention(c, "meso")
+    with torch.no_grad():
+        m.temperature.fill_(1.7)
+    q, k, v = (torch.randn(g, p, c) for _ in range(3))
+    q[0, :, 1] = 0  # a channel with a zero norm (clamped to 1e-12)
+    with torch.inference_mode():
+        ref = (v @ m.matrices(q, k).transpose(1, 2)) @ m.project_out.weight.flatten(1).t()
+        got = kernels.channel_attention(q, k, v, m.temperature.item(), m.project_out.weight)
+        assert kernels.channel_attention(q[..., :4], k[..., :4], v[..., :4], 1.0, torch.randn(4, 4)) is None
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)

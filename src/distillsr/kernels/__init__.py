@@ -144,6 +144,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.linear_small.argtypes = [P, P, P, I, P, P, P, L, P, L, I, I, I]
     lib.linear_small.restype = ctypes.c_int
     lib.nhwc_to_nchw.argtypes = [P, L, P, I, I, I, I, I]
+    lib.channel_attention.argtypes = [P, P, P, L, L, L, I, F, P, P, I]
+    lib.channel_attention.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
               lib.nhwc_to_nchw):
         f.restype = None
@@ -271,6 +273,23 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:
     b, h, w, c = x.shape
     y = empty((b, c, h, w), x.dtype)
     _kernels().nhwc_to_nchw(x.data_ptr(), xs, y.data_ptr(), b, h, w, c, torch.get_num_threads())
+    return y
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: float,
+                      w_out: torch.Tensor) -> Optional[torch.Tensor]:
+    """``(v @ A^T) @ w_out^T`` with ``A = softmax(q^T k * (temperature / (|q| |k|)))`` for
+    (G, P, C) tokens (norms over the P tokens): ASID's transposed channel attention and its
+    output projection, group by group in cache. None where C is not a multiple of 8 up to 48
+    (the caller runs the batched products)."""
+    g, p, c = q.shape
+    if c % 8 or not 8 <= c <= 48 or k.shape != q.shape or v.shape != q.shape:
+        return None
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    wo_t = w_out.detach().reshape(c, c).t().contiguous().float()
+    y = empty((g, p, c), q.dtype)
+    _kernels().channel_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), p * c, g, p, c, float(temperature),
+                                 wo_t.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y
 
 

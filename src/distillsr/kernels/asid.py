@@ -13,9 +13,11 @@ Merges and fusions, by form:
   W_o^T = A (t (W_o W_v)^T)``: one product instead of two); a computing unit's scores,
   bias and softmax in one pass; ``A v`` added into the map and the next LayerNorm taken
   in the same pass; the GFN's residual add fused into its last product.
-* ``CAM``: q, k, v written as tokens by the depthwise convs; ``project_out`` folded into
-  each group's small C x C attention matrix (``(W_o A)^T``, fewer products than ``W_o``
-  on every pixel); the residual add from tokens fused with the next LayerNorm.
+* ``CAM``: q, k, v written as tokens by the depthwise convs; each group's norms, Gram
+  matrix, softmax, ``project_out`` folded into its small C x C attention matrix
+  (``(W_o A)^T``, fewer products than ``W_o`` on every pixel) and output in one C kernel
+  pass, in cache (``kernels.channel_attention``); the residual add from tokens fused with
+  the next LayerNorm.
 * ``LM``: GELU fused into the products and the depthwise conv; the dwconv sums its
   output for SE, and the SE gate (one per channel) is folded into ``conv_out``'s weight.
 * ``ESA``, ``IDB``, ``SerialBlock``: residual adds and the sigmoid fused into products; an
@@ -86,7 +88,12 @@ def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torc
                       norm: nn.Module):
     """``y = residual + m(x)`` and ``norm(y)`` (NHWC)."""
     q, k, v = qkv_tokens(m, x)
-    if ops.c_kernels(q):
+    y = None
+    if ops.c_kernels(q):  # each group's matrices, projection and output in cache
+        y = kernels.channel_attention(q, k, v, float(m.temperature), m.project_out.weight)
+    if y is not None:
+        del q, k, v
+    elif ops.c_kernels(q):
         attn = channel_matrices(m, q, k)
         del q, k
         mixed = torch.matmul(m.project_out.weight.flatten(1), attn, out=kernels.empty(attn.shape))

@@ -507,9 +507,12 @@ ALWAYS_INLINE void attend_group(const float *A, const float *v, long vs, const f
                                 float *z, float *buf, long g, int H, int W, const float *ln_g,
                                 const float *ln_b, float eps, int layout, const int NV, const int TAIL) {
     const int d = 8 * NV + 4 * TAIL;
-    for (int i0 = 0; i0 < 64; i0 += 4) {
+    const int R = NV + TAIL <= 3 ? 8 : 4; /* rows at a time: 8 for d <= 24, their sums in registers */
+    for (int i0 = 0; i0 < 64; i0 += R) {
         AV_VARS(p); AV_VARS(q); AV_VARS(r); AV_VARS(s);
+        AV_VARS(e); AV_VARS(f); AV_VARS(h); AV_VARS(o);
         const float *a0 = A + i0 * 64, *a1 = a0 + 64, *a2 = a1 + 64, *a3 = a2 + 64;
+        const float *a4 = a3 + 64, *a5 = a4 + 64, *a6 = a5 + 64, *a7 = a6 + 64;
         for (int j = 0; j < 64; j++) {
             const float *vj = v + j * vs;
             v8f v0 = load8_(vj), v1 = {0}, v2 = {0}, v3 = {0};
@@ -522,11 +525,19 @@ ALWAYS_INLINE void attend_group(const float *A, const float *v, long vs, const f
             AV_ROW_FMA(q, a1[j]);
             AV_ROW_FMA(r, a2[j]);
             AV_ROW_FMA(s, a3[j]);
+            if (R == 8) {
+                AV_ROW_FMA(e, a4[j]);
+                AV_ROW_FMA(f, a5[j]);
+                AV_ROW_FMA(h, a6[j]);
+                AV_ROW_FMA(o, a7[j]);
+            }
         }
         if (buf) {
             AV_STORE(p, 0); AV_STORE(q, 1); AV_STORE(r, 2); AV_STORE(s, 3);
+            if (R == 8) { AV_STORE(e, 4); AV_STORE(f, 5); AV_STORE(h, 6); AV_STORE(o, 7); }
         } else {
             AV_FINISH(p, 0); AV_FINISH(q, 1); AV_FINISH(r, 2); AV_FINISH(s, 3);
+            if (R == 8) { AV_FINISH(e, 4); AV_FINISH(f, 5); AV_FINISH(h, 6); AV_FINISH(o, 7); }
         }
     }
 }
@@ -770,4 +781,107 @@ void nhwc_to_nchw(const float *x, long xs, float *y, int B, int H, int W, int C,
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------ channel attention */
+/* For every group g of P tokens (rows of C floats, q, k, v at group stride gs, row stride
+ * C): A = softmax over j of (q_i . k_j) * (temperature / (|q_i| |k_j|)) (C x C; |.| the
+ * L2 norm over the tokens, at least 1e-12), M^T = A^T W_o^T, and y[p] = v[p] M^T: the
+ * channel attention of ASID's CAM with its output projection, y = (v A^T) W_o^T, all in
+ * cache per group; y (G, P, C) contiguous. woT is W_o transposed (C x C). C a multiple of
+ * 8, at most 48. */
+#define CA_MAX 48
+/* acc[r][.] (R rows, NV vectors) += sum over n of a(r, n) * b[n * bs + .] */
+#define CA_TILE(R, NV, NSTEPS, A_OF, B_ROW)                                              \
+    do {                                                                                 \
+        for (int r = 0; r < (R); r++)                                                    \
+            for (int u = 0; u < (NV); u++) acc[r][u] = (v8f){0};                         \
+        for (long n = 0; n < (NSTEPS); n++) {                                            \
+            const float *b_ = (B_ROW);                                                   \
+            v8f bv[6];                                                                   \
+            for (int u = 0; u < (NV); u++) bv[u] = load8_(b_ + 8 * u);                   \
+            for (int r = 0; r < (R); r++) {                                              \
+                const float a_ = (A_OF);                                                 \
+                for (int u = 0; u < (NV); u++) acc[r][u] += a_ * bv[u];                  \
+            }                                                                            \
+        }                                                                                \
+    } while (0)
+
+ALWAYS_INLINE void ca_group(const float *q, const float *k, const float *v, long P, float temperature,
+                            const float *woT, float *y, const int NV) {
+    const int C = 8 * NV;
+    float A[CA_MAX * CA_MAX] __attribute__((aligned(64)));
+    float MT[CA_MAX * CA_MAX] __attribute__((aligned(64)));
+    float nq[CA_MAX], nk[CA_MAX];
+    v8f acc[4][6];
+    /* the token norms, summed over the tokens in order */
+    for (int c = 0; c < C; c++) nq[c] = nk[c] = 0.f;
+    for (long p = 0; p < P; p++)
+        for (int c = 0; c < C; c++) {
+            nq[c] += q[p * C + c] * q[p * C + c];
+            nk[c] += k[p * C + c] * k[p * C + c];
+        }
+    for (int c = 0; c < C; c++) {
+        nq[c] = sqrtf(nq[c]); nq[c] = nq[c] > 1e-12f ? nq[c] : 1e-12f;
+        nk[c] = sqrtf(nk[c]); nk[c] = nk[c] > 1e-12f ? nk[c] : 1e-12f;
+    }
+    /* Gram rows i .. i + 3: sum over the tokens of q[p][i] k[p][.] */
+    for (int i = 0; i < C; i += 4) {
+        CA_TILE(4, NV, P, q[n * C + i + r], k + n * C);
+        for (int r = 0; r < 4; r++) {
+            float row[CA_MAX] __attribute__((aligned(32)));
+            for (int u = 0; u < NV; u++) memcpy(row + 8 * u, &acc[r][u], sizeof(v8f));
+            float mx = -INFINITY;
+            for (int j = 0; j < C; j++) {
+                row[j] = row[j] * (temperature / (nq[i + r] * nk[j]));
+                mx = row[j] > mx ? row[j] : mx;
+            }
+            v8f tot = {0};
+            for (int u = 0; u < NV; u++) {
+                v8f e = exp8(load8_(row + 8 * u) - mx);
+                memcpy(row + 8 * u, &e, sizeof e);
+                tot += e;
+            }
+            const float sum = ((tot[0] + tot[4]) + (tot[1] + tot[5])) + ((tot[2] + tot[6]) + (tot[3] + tot[7]));
+            const float inv = 1.f / sum;
+            for (int j = 0; j < C; j++) A[(i + r) * C + j] = row[j] * inv;
+        }
+    }
+    /* M^T rows c .. c + 3: sum over j of A[j][c] W_o^T[j][.] */
+    for (int c = 0; c < C; c += 4) {
+        CA_TILE(4, NV, C, A[n * C + c + r], woT + n * C);
+        for (int r = 0; r < 4; r++)
+            for (int u = 0; u < NV; u++) memcpy(MT + (c + r) * C + 8 * u, &acc[r][u], sizeof(v8f));
+    }
+    /* y rows p .. p + 3: v[p] M^T */
+    long p = 0;
+    for (; p + 4 <= P; p += 4) {
+        CA_TILE(4, NV, C, v[(p + r) * C + n], MT + n * C);
+        for (int r = 0; r < 4; r++)
+            for (int u = 0; u < NV; u++) memcpy(y + (p + r) * C + 8 * u, &acc[r][u], sizeof(v8f));
+    }
+    for (; p < P; p++) {
+        CA_TILE(1, NV, C, v[p * C + n], MT + n * C);
+        for (int u = 0; u < NV; u++) memcpy(y + p * C + 8 * u, &acc[0][u], sizeof(v8f));
+    }
+}
+
+/* returns 0 where C is not a multiple of 8 up to CA_MAX */
+int channel_attention(const float *q, const float *k, const float *v, long gs, long G, long P, int C,
+                      float temperature, const float *woT, float *y, int threads) {
+    if (C % 8 || C < 8 || C > CA_MAX) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long g = 0; g < G; g++) {
+        const float *qg = q + g * gs, *kg = k + g * gs, *vg = v + g * gs;
+        float *yg = y + g * P * C;
+        switch (C / 8) {
+        case 1: ca_group(qg, kg, vg, P, temperature, woT, yg, 1); break;
+        case 2: ca_group(qg, kg, vg, P, temperature, woT, yg, 2); break;
+        case 3: ca_group(qg, kg, vg, P, temperature, woT, yg, 3); break;
+        case 4: ca_group(qg, kg, vg, P, temperature, woT, yg, 4); break;
+        case 5: ca_group(qg, kg, vg, P, temperature, woT, yg, 5); break;
+        default: ca_group(qg, kg, vg, P, temperature, woT, yg, 6); break;
+        }
+    }
+    return 1;
 }
