@@ -815,36 +815,41 @@ ALWAYS_INLINE void ca_group(const float *q, const float *k, const float *v, long
     float nq[CA_MAX], nk[CA_MAX];
     v8f acc[4][6];
     /* the token norms, summed over the tokens in order */
-    for (int c = 0; c < C; c++) nq[c] = nk[c] = 0.f;
+    v8f sq[6] = {0}, sk[6] = {0};
     for (long p = 0; p < P; p++)
-        for (int c = 0; c < C; c++) {
-            nq[c] += q[p * C + c] * q[p * C + c];
-            nk[c] += k[p * C + c] * k[p * C + c];
+        for (int u = 0; u < NV; u++) {
+            const v8f a = load8_(q + p * C + 8 * u), b = load8_(k + p * C + 8 * u);
+            sq[u] += a * a;
+            sk[u] += b * b;
         }
+    for (int u = 0; u < NV; u++) {
+        memcpy(nq + 8 * u, &sq[u], sizeof(v8f));
+        memcpy(nk + 8 * u, &sk[u], sizeof(v8f));
+    }
     for (int c = 0; c < C; c++) {
         nq[c] = sqrtf(nq[c]); nq[c] = nq[c] > 1e-12f ? nq[c] : 1e-12f;
         nk[c] = sqrtf(nk[c]); nk[c] = nk[c] > 1e-12f ? nk[c] : 1e-12f;
     }
-    /* Gram rows i .. i + 3: sum over the tokens of q[p][i] k[p][.] */
+    /* Gram rows i .. i + 3: sum over the tokens of q[p][i] k[p][.]; then scaled and
+     * softmax-ed, row by row */
     for (int i = 0; i < C; i += 4) {
         CA_TILE(4, NV, P, q[n * C + i + r], k + n * C);
         for (int r = 0; r < 4; r++) {
-            float row[CA_MAX] __attribute__((aligned(32)));
-            for (int u = 0; u < NV; u++) memcpy(row + 8 * u, &acc[r][u], sizeof(v8f));
-            float mx = -INFINITY;
-            for (int j = 0; j < C; j++) {
-                row[j] = row[j] * (temperature / (nq[i + r] * nk[j]));
-                mx = row[j] > mx ? row[j] : mx;
-            }
-            v8f tot = {0};
+            v8f m8 = {0};
             for (int u = 0; u < NV; u++) {
-                v8f e = exp8(load8_(row + 8 * u) - mx);
-                memcpy(row + 8 * u, &e, sizeof e);
-                tot += e;
+                acc[r][u] *= temperature / (nq[i + r] * load8_(nk + 8 * u));
+                m8 = u == 0 ? acc[r][0] : select8(acc[r][u] > m8, acc[r][u], m8);
             }
+            float mx = m8[0];
+            for (int l = 1; l < 8; l++) mx = m8[l] > mx ? m8[l] : mx;
+            v8f tot = {0};
+            for (int u = 0; u < NV; u++) { acc[r][u] = exp8(acc[r][u] - mx); tot += acc[r][u]; }
             const float sum = ((tot[0] + tot[4]) + (tot[1] + tot[5])) + ((tot[2] + tot[6]) + (tot[3] + tot[7]));
             const float inv = 1.f / sum;
-            for (int j = 0; j < C; j++) A[(i + r) * C + j] = row[j] * inv;
+            for (int u = 0; u < NV; u++) {
+                const v8f o = acc[r][u] * inv;
+                memcpy(A + (i + r) * C + 8 * u, &o, sizeof o);
+            }
         }
     }
     /* M^T rows c .. c + 3: sum over j of A[j][c] W_o^T[j][.] */
