@@ -313,3 +313,22 @@ def test_channel_attention_with_its_projection(g, p, c):
         got = kernels.channel_attention(q, k, v, m.temperature.item(), m.project_out.weight)
         assert kernels.channel_attention(q[..., :4], k[..., :4], v[..., :4], 1.0, torch.randn(4, 4)) is None
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["image", "meso", "grid"])
+@pytest.mark.parametrize("c", [48, 12])
+def test_depthwise_conv_of_a_map_in_parts(layout, c):
+    """``split=3`` gives what three convs of the channel thirds give (q, k, v of a qkv map)."""
+    torch.manual_seed(c)
+    x, w = torch.randn(1, 16, 24, 3 * c), torch.randn(3 * c, 1, 3, 3)
+    with torch.inference_mode():
+        parts = kernels.dwconv3x3(x, w, layout=layout, split=3)
+        alone = [kernels.dwconv3x3(x[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
+                 for i in range(3)]
+        with pytest.raises(ValueError, match="split"):
+            kernels.dwconv3x3(x, w, bias=torch.zeros(3 * c), split=3)
+        with pytest.raises(ValueError, match="split"):
+            kernels.dwconv3x3(x[..., :3 * c - 1], w[:3 * c - 1], split=3)
+    assert len(parts) == 3
+    for got, ref in zip(parts, alone):
+        assert torch.equal(got, ref)

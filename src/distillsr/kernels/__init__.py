@@ -136,7 +136,7 @@ def _load() -> Optional[ctypes.CDLL]:
     P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     lib.layer_norm.argtypes = [P, L, P, I, I, I, I, P, P, F, I, I]
     lib.add_tokens_norm.argtypes = [P, L, P, P, P, I, I, I, I, P, P, F, I, I]
-    lib.dwconv3x3.argtypes = [P, L, P, P, P, P, P, P, I, I, I, I, I, I, I]
+    lib.dwconv3x3.argtypes = [P, L, P, P, P, P, P, P, I, I, I, I, I, I, I, I]
     lib.token_norms.argtypes = [P, P, L, L, I, I]
     lib.attend_add_norm.argtypes = [P, P, L, P, L, P, P, I, I, I, I, P, P, F, I, I]
     lib.attend_add_norm.restype = ctypes.c_int
@@ -235,17 +235,23 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
 
 def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
               act: Optional[str] = None, gate: Optional[tuple] = None,
-              layout: str = "image", channel_means: bool = False):
+              layout: str = "image", channel_means: bool = False, split: int = 1):
     """Depthwise 3x3 conv (padding 1) of an NHWC map, ``act`` None or "gelu", output in
     ``layout`` token order. ``gate=(x2, weight2)``: returns ``act(conv(x)) * conv2(x2)``.
     ``channel_means`` (image layout): returns ``(y, y.mean(dim=(1, 2)))``, the means
-    summed while each row is still in cache."""
+    summed while each row is still in cache. ``split=n`` (no bias, gate or means): the
+    channels are n equal parts, each returned as a map of its own (a list), every input row
+    read once for all of them."""
     if act not in (None, "gelu"):
         raise ValueError(f"unsupported activation {act!r}")
-    if x.shape[-1] > MAX_CHANNELS:
-        raise ValueError(f"dwconv3x3 takes at most {MAX_CHANNELS} channels, not {x.shape[-1]}")
+    if split < 1 or x.shape[-1] % split or (split > 1 and (bias is not None or gate is not None
+                                                            or channel_means)):
+        raise ValueError(f"cannot split {x.shape[-1]} channels in {split} parts here")
+    c_part = x.shape[-1] // split
+    if c_part > MAX_CHANNELS:
+        raise ValueError(f"dwconv3x3 takes at most {MAX_CHANNELS} channels, not {c_part}")
     x, xs = _pixels(x)
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     x2 = w2 = None
     if gate is not None:
         x2, w2 = gate
@@ -255,12 +261,17 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         w2 = _taps(w2)
     if channel_means and layout != "image":
         raise ValueError("channel_means needs the image layout")
-    y = empty(_tokens_shape(x.shape, layout), x.dtype)
-    sums = torch.empty((b, h, c), dtype=x.dtype) if channel_means else None
-    taps, bias = _taps(weight), _f32(bias)  # kept alive through the call
+    shape = _tokens_shape((b, h, w, c_part), layout)
+    y = empty((split,) + tuple(shape), x.dtype)
+    sums = torch.empty((b, h, c_part), dtype=x.dtype) if channel_means else None
+    taps = weight.detach().float().reshape(split, c_part, 9).transpose(1, 2).contiguous()  # (split, 9, C)
+    bias = _f32(bias)  # kept alive through the call, as taps
     _kernels().dwconv3x3(x.data_ptr(), xs, taps.data_ptr(), _ptr(bias), _ptr(x2), _ptr(w2),
-                   y.data_ptr(), _ptr(sums), b, h, w, c, 1 if act == "gelu" else 0, LAYOUTS[layout],
-                   torch.get_num_threads())
+                   y.data_ptr(), _ptr(sums), b, h, w, c_part, split, 1 if act == "gelu" else 0,
+                   LAYOUTS[layout], torch.get_num_threads())
+    if split > 1:
+        return list(y.unbind(0))
+    y = y[0]
     if channel_means:
         return y, sums.sum(dim=1) / (h * w)
     return y

@@ -65,9 +65,7 @@ def qkv_tokens(m: paper.ChannelAttention, x: torch.Tensor):
     function of its own, so that the 3C-channel product is freed when it returns.)"""
     layout, c = m.layout, x.shape[-1]
     if ops.c_kernels(x):  # the dwconvs write tokens directly
-        h, w = ops.linear(x, m.qkv.weight), m.qkv_dwconv.weight
-        return [kernels.dwconv3x3(h[..., i * c:(i + 1) * c], w[i * c:(i + 1) * c], layout=layout)
-                for i in range(3)]
+        return kernels.dwconv3x3(ops.linear(x, m.qkv.weight), m.qkv_dwconv.weight, layout=layout, split=3)
     return paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), layout).chunk(3, dim=-1)
 
 

@@ -403,20 +403,26 @@ ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long rs,
 
 /* Depthwise 3x3 conv, zero padding 1; wt (9, C) tap-major, bias may be NULL; act 1: GELU.
  * With x2/wt2 (same pixels, no bias): out = act(dw(x)) * dw2(x2), the GFN gate.
- * row_sums (B*H, C) or NULL (layout 0 only): the sum of every output row over its pixels. */
+ * row_sums (B*H, C) or NULL (layout 0 only): the sum of every output row over its pixels.
+ * nsplit > 1 (no bias, gate or sums): the map holds nsplit parts of C channels side by side
+ * (wt nsplit x (9, C)), each conv written as a map of its own, the parts one after the
+ * other in y; every input row is read once for all of them (q, k and v of a qkv map). */
 void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
                const float *x2, const float *wt2, float *y, float *row_sums, int B, int H, int W,
-               int C, int act, int layout, int threads) {
+               int C, int nsplit, int act, int layout, int threads) {
     long cols[W];
     for (int j = 0; j < W; j++) cols[j] = col_part(layout, j, H, W);
-    const long rs = (long)W * xs;
+    const long rs = (long)W * xs, part = (long)B * H * W * C;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long bi = 0; bi < (long)B * H; bi++) {
         int i = bi % H;
-        const float *xr = x + bi * rs, *xr2 = x2 ? x2 + bi * rs : NULL;
-        float *yr = y + row_part(layout, bi / H, i, H, W) * C;
-#define REG(nv, tail) dw_row_reg(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, bias, yr, cols, W, act, nv, tail)
-#define ROW(c) dw_row(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, bias, yr, cols, W, act, c)
+        const float *xr2 = x2 ? x2 + bi * rs : NULL;
+        float *yr = NULL;
+        for (int sp = 0; sp < nsplit; sp++) {
+        const float *xr = x + bi * rs + sp * C, *wts = wt + sp * 9 * C;
+        yr = y + sp * part + row_part(layout, bi / H, i, H, W) * C;
+#define REG(nv, tail) dw_row_reg(xr, xr2, xs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, nv, tail)
+#define ROW(c) dw_row(xr, xr2, xs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, c)
         switch (C) {
         case 12: REG(1, 1); break;
         case 16: REG(2, 0); break;
@@ -428,6 +434,7 @@ void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
         }
 #undef ROW
 #undef REG
+        }
         if (row_sums) { /* layout image: the row just written, still in cache */
             float *rs_ = row_sums + bi * C;
             for (int c = 0; c < C; c++) rs_[c] = 0.f;
