@@ -332,3 +332,18 @@ def test_depthwise_conv_of_a_map_in_parts(layout, c):
     assert len(parts) == 3
     for got, ref in zip(parts, alone):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("c, n", [(48, 48), (36, 36), (12, 12), (24, 48)])
+def test_gate_and_product_row_by_row(c, n):
+    """``gate_linear`` gives what the gated depthwise conv and then the 1x1 conv give."""
+    torch.manual_seed(c + n)
+    h = torch.randn(1, 9, 21, 2 * c)
+    w1, w2, wo = torch.randn(c, 1, 3, 3), torch.randn(c, 1, 3, 3), torch.randn(n, c, 1, 1) * 0.2
+    res = torch.randn(1, 9, 21, n + 4)[..., 1:n + 1]  # a strided residual
+    with torch.inference_mode():
+        got = kernels.gate_linear(h[..., :c], w1, h[..., c:], w2, wo, add=res)
+        g = kernels.dwconv3x3(h[..., :c], w1, act="gelu", gate=(h[..., c:], w2))
+        steps = kernels.linear(g, wo.flatten(1), add=res)
+        assert kernels.gate_linear(h[..., :c], w1, h[..., c:], w2, torch.randn(20, c)) is None
+    assert torch.equal(got, steps)

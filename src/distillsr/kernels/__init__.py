@@ -146,6 +146,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.nhwc_to_nchw.argtypes = [P, L, P, I, I, I, I, I]
     lib.channel_attention.argtypes = [P, P, P, L, L, L, I, F, P, P, I]
     lib.channel_attention.restype = ctypes.c_int
+    lib.gate_linear.argtypes = [P, P, L, P, P, I, I, I, I, P, P, L, P, I, I]
+    lib.gate_linear.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
               lib.nhwc_to_nchw):
         f.restype = None
@@ -275,6 +277,33 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if channel_means:
         return y, sums.sum(dim=1) / (h * w)
     return y
+
+
+def gate_linear(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor,
+                w_out: torch.Tensor, add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``(GELU(dw(x)) * dw2(x2)) W_out^T (+ add)`` on NHWC maps (depthwise 3x3 convs without
+    bias, padding 1; ``w_out`` (N, C)): the GFN's gate and output product, the gate never
+    written out. None where a width is not compiled (the caller runs the two steps)."""
+    n, c = w_out.shape[0], x.shape[-1]
+    if w_out.flatten(1).shape[1] != c or not linear_width(n):
+        return None
+    x, xs = _pixels(x)
+    x2, xs2 = _pixels(x2)
+    if x2.shape != x.shape or xs2 != xs:
+        raise ValueError("the gate's input must be laid out as the conv's")
+    b, h, w, _ = x.shape
+    a = None
+    if add is not None:
+        a, lda = _pixels(add)
+        if a.shape != (b, h, w, n):
+            raise ValueError(f"the added map {tuple(add.shape)} does not fit a {(b, h, w, n)} output")
+    taps, taps2 = _taps(weight), _taps(weight2)
+    wo_t = w_out.detach().reshape(n, c).t().contiguous().float()
+    y = empty((b, h, w, n), x.dtype)
+    ok = _kernels().gate_linear(x.data_ptr(), x2.data_ptr(), xs, taps.data_ptr(), taps2.data_ptr(), b, h, w, c,
+                                wo_t.data_ptr(), _ptr(a), 0 if a is None else lda, y.data_ptr(), n,
+                                torch.get_num_threads())
+    return y if ok else None
 
 
 def to_nchw(x: torch.Tensor) -> torch.Tensor:

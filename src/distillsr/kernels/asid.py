@@ -48,8 +48,11 @@ def gfn(m: paper.GFN, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + m(x)`` (NHWC)."""
     d = m.project_out.in_channels
     w = m.project_in.weight
-    if ops.c_kernels(x):  # one product, then both dwconvs, GELU and gate in one pass
+    if ops.c_kernels(x):  # one product, then both dwconvs, GELU, gate and project_out row by row
         h, w_dw = ops.linear(x, w), m.dwconv.weight
+        y = kernels.gate_linear(h[..., :d], w_dw[:d], h[..., d:], w_dw[d:], m.project_out.weight, add=residual)
+        if y is not None:
+            return y
         g = kernels.dwconv3x3(h[..., :d], w_dw[:d], act="gelu", gate=(h[..., d:], w_dw[d:]))
     elif ops.onednn(x):  # each half through its own dwconv: GELU and the gate fused into it
         x1 = ops.conv(m.dwconv, ops.linear(x, w[:d]), act="gelu", channels=slice(0, d))

@@ -15,6 +15,8 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -742,6 +744,19 @@ ALWAYS_INLINE void linear_block(const segs_t *sg, const float *wt, const float *
  * in blocks of 8 (split over the threads); each block runs against column chunks of 24
  * outputs (8 rows x 3 vectors: 24 accumulators in registers) while its rows are in cache,
  * and a last chunk of 12 or 16. */
+/* the 8-row block at m0 (or the rows left of it) against all N outputs, in column chunks */
+ALWAYS_INLINE void linear_block_all(const segs_t *sg, const float *wt, const float *bias, const float *add,
+                                    long lda, float *y, long M, int N, long m0, int act) {
+    int c = 0;
+#define CHUNK(nv, tail) linear_block(sg, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, \
+                                     y + c, N, m0, M, act, 8, nv, tail)
+    for (; c + 24 <= N; c += 24) CHUNK(3, 0);
+    if (N - c == 16) CHUNK(2, 0);
+    else if (N - c == 12) CHUNK(1, 1);
+    else if (N - c == 8) CHUNK(1, 0);
+#undef CHUNK
+}
+
 int linear_small(const float *const *xp, const long *xsv, const int *kv, int nseg, const float *wt,
                  const float *bias, const float *add, long lda, float *y, long M, int N, int act,
                  int threads) {
@@ -751,16 +766,7 @@ int linear_small(const float *const *xp, const long *xsv, const int *kv, int nse
     for (int s = 0; s < nseg; s++) { sg.x[s] = xp[s]; sg.xs[s] = xsv[s]; sg.k[s] = kv[s]; }
     const long blocks = (M + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long b = 0; b < blocks; b++) {
-        int c = 0;
-#define CHUNK(nv, tail) linear_block(&sg, wt + c, bias ? bias + c : NULL, add ? add + c : NULL, lda, \
-                                     y + c, N, b * 8, M, act, 8, nv, tail)
-        for (; c + 24 <= N; c += 24) CHUNK(3, 0);
-        if (N - c == 16) CHUNK(2, 0);
-        else if (N - c == 12) CHUNK(1, 1);
-        else if (N - c == 8) CHUNK(1, 0);
-#undef CHUNK
-    }
+    for (long b = 0; b < blocks; b++) linear_block_all(&sg, wt, bias, add, lda, y, M, N, b * 8, act);
     return 1;
 }
 
@@ -895,5 +901,45 @@ int channel_attention(const float *q, const float *k, const float *v, long gs, l
         default: ca_group(qg, kg, vg, P, temperature, woT, yg, 6); break;
         }
     }
+    return 1;
+}
+
+/* ------------------------------------------------------------------ GFN gate and output */
+/* y = (GELU(dw(x)) * dw2(x2)) W^T + add, row by row: each image row of the gate (C
+ * channels) is computed into a buffer of the thread and multiplied by W (woT: C x N) while
+ * it is in cache, so that the gate is never written out. x, x2: NHWC maps at pixel stride
+ * xs; add (pixels at stride lda) and y (N per pixel) in image order. Returns 0 where C or
+ * N is not a compiled width (C of dwconv3x3's registers forms, N as linear_small). */
+int gate_linear(const float *x, const float *x2, long xs, const float *wt, const float *wt2, int B, int H,
+                int W, int C, const float *woT, const float *add, long lda, float *y, int N, int threads) {
+    if (!(C == 12 || C == 16 || C == 24 || C == 32 || C == 36 || C == 48)) return 0;
+    if (N != 16 && N != 32 && N % 12) return 0;
+    const long rs = (long)W * xs;
+    float *bufs = malloc(sizeof(float) * (size_t)threads * W * C); /* a row of the gate per thread */
+    long *cols = malloc(sizeof(long) * (size_t)W);
+    if (!bufs || !cols) { free(bufs); free(cols); return 0; }
+    for (int j = 0; j < W; j++) cols[j] = j;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++) {
+        const int i = bi % H;
+        float *buf = bufs + (size_t)omp_get_thread_num() * W * C;
+        const float *xr = x + bi * rs, *xr2 = x2 + bi * rs;
+#define REG(nv, tail) dw_row_reg(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, NULL, buf, cols, W, 1, nv, tail)
+        switch (C) {
+        case 12: REG(1, 1); break;
+        case 16: REG(2, 0); break;
+        case 24: REG(3, 0); break;
+        case 32: REG(4, 0); break;
+        case 36: REG(4, 1); break;
+        default: REG(6, 0); break; /* 48 */
+        }
+#undef REG
+        segs_t sg = {.x = {buf}, .xs = {C}, .k = {C}, .n = 1};
+        const float *ar = add ? add + bi * W * lda : NULL;
+        for (long m0 = 0; m0 < W; m0 += 8)
+            linear_block_all(&sg, woT, NULL, ar, lda, y + bi * W * N, W, N, m0, 0);
+    }
+    free(bufs);
+    free(cols);
     return 1;
 }
