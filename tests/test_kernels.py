@@ -176,7 +176,7 @@ def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
 def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
-    names = ("layer_norm", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
+    names = ("norm_linear", "gate_linear", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
              "attention_scores", "linear", "to_nchw", "channel_attention")
     for name in names:
         real = getattr(kernels, name)
@@ -347,3 +347,23 @@ def test_gate_and_product_row_by_row(c, n):
         steps = kernels.linear(g, wo.flatten(1), add=res)
         assert kernels.gate_linear(h[..., :c], w1, h[..., c:], w2, torch.randn(20, c)) is None
     assert torch.equal(got, steps)
+
+
+@pytest.mark.parametrize("layout", ["image", "meso", "global"])
+@pytest.mark.parametrize("k, n", [(48, 144), (36, 36), (12, 36), (24, 72)])
+def test_layer_norm_taken_by_the_product(layout, k, n):
+    """``norm_linear`` gives what the LayerNorm in token order and then the product give."""
+    torch.manual_seed(k + n)
+    x = torch.randn(1, 16, 24, k + 3)[..., 1:k + 1]
+    norm = torch.nn.LayerNorm(k)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    w, b = torch.randn(n, k), torch.randn(n)
+    with torch.inference_mode():
+        got = kernels.norm_linear(x, norm, layout, w, b)
+        steps = kernels.linear(kernels.layer_norm(x, norm, layout), w, b)
+        ref = F.linear(norm(to_tokens(x, layout) if layout != "image" else x), w, b)
+        assert kernels.norm_linear(x, norm, "grid", w) is None
+    assert torch.equal(got, steps)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)

@@ -148,6 +148,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.channel_attention.restype = ctypes.c_int
     lib.gate_linear.argtypes = [P, P, L, P, P, I, I, I, I, P, P, L, P, I, I]
     lib.gate_linear.restype = ctypes.c_int
+    lib.norm_linear.argtypes = [P, L, I, I, I, I, P, P, F, I, P, P, P, I, I]
+    lib.norm_linear.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
               lib.nhwc_to_nchw):
         f.restype = None
@@ -277,6 +279,26 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if channel_means:
         return y, sums.sum(dim=1) / (h * w)
     return y
+
+
+def norm_linear(x: torch.Tensor, norm, layout: str, weight: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``linear(layer_norm(x, norm, layout), weight, bias)`` (NHWC map in, tokens in
+    ``layout`` order out: "image", "meso" or "global"), the normalised map never written
+    out. None where the width or layout is not compiled (the caller runs the two steps)."""
+    n, k = weight.shape[0], weight.flatten(1).shape[1]
+    if (layout not in ("image", "meso", "global") or not linear_width(n) or x.shape[-1] != k
+            or k > MAX_CHANNELS):
+        return None
+    x, xs = _pixels(x)
+    b, h, w, _ = x.shape
+    wt = weight.detach().reshape(n, k).t().contiguous().float()
+    gamma, beta, bias = _f32(norm.weight), _f32(norm.bias), _f32(bias)
+    y = empty(tuple(_tokens_shape((b, h, w, k), layout)[:-1]) + (n,), x.dtype)
+    ok = _kernels().norm_linear(x.data_ptr(), xs, b, h, w, k, gamma.data_ptr(), beta.data_ptr(), norm.eps,
+                                LAYOUTS[layout], wt.data_ptr(), _ptr(bias), y.data_ptr(), n,
+                                torch.get_num_threads())
+    return y if ok else None
 
 
 def gate_linear(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor,

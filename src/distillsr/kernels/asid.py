@@ -8,12 +8,14 @@ it (or while tracing) each falls back to its paper form.
 
 Merges and fusions, by form:
 
-* ``AttentionUnit``: LayerNorm written straight into window order; the value projection
+* ``AttentionUnit``: LayerNorm taken in window order by the product that follows it (the
+  normalised map never written out); the value projection
   folded into the output projection (``W_o W_v``, done once, so that ``A (t W_v^T)
   W_o^T = A (t (W_o W_v)^T)``: one product instead of two); a computing unit's scores,
   bias and softmax in one pass; ``A v`` added into the map and the next LayerNorm taken
   in the same pass; the GFN's residual add fused into its last product.
-* ``CAM``: q, k, v written as tokens by the depthwise convs; each group's norms, Gram
+* ``CAM``: the LayerNorm taken by the qkv product; q, k, v written as tokens by one
+  depthwise pass; each group's norms, Gram
   matrix, softmax, ``project_out`` folded into its small C x C attention matrix
   (``(W_o A)^T``, fewer products than ``W_o`` on every pixel) and output in one C kernel
   pass, in cache (``kernels.channel_attention``); the residual add from tokens fused with
@@ -63,13 +65,24 @@ def gfn(m: paper.GFN, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return ops.linear(g, m.project_out.weight, add=residual)
 
 
-def qkv_tokens(m: paper.ChannelAttention, x: torch.Tensor):
-    """q, k, v (1x1 conv, depthwise 3x3) of an NHWC map, each (groups, pixels, C). (A
-    function of its own, so that the 3C-channel product is freed when it returns.)"""
-    layout, c = m.layout, x.shape[-1]
+def normed_product(x: torch.Tensor, norm: nn.Module, layout: str, weight: torch.Tensor) -> torch.Tensor:
+    """``linear(norm(x) in layout token order, weight)``; the C kernel normalises the rows as
+    it multiplies them (the normalised map is never written out)."""
+    if ops.c_kernels(x):
+        y = kernels.norm_linear(x, norm, layout, weight)
+        if y is not None:
+            return y
+    return ops.linear(ops.layer_norm(x, norm, layout), weight)
+
+
+def qkv_tokens(m: paper.ChannelAttention, x: torch.Tensor, norm: nn.Module):
+    """q, k, v (1x1 conv, depthwise 3x3) of the NHWC map ``norm(x)``, each (groups, pixels,
+    C). (A function of its own, so that the 3C-channel product is freed when it returns.)"""
     if ops.c_kernels(x):  # the dwconvs write tokens directly
-        return kernels.dwconv3x3(ops.linear(x, m.qkv.weight), m.qkv_dwconv.weight, layout=layout, split=3)
-    return paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), layout).chunk(3, dim=-1)
+        h = normed_product(x, norm, "image", m.qkv.weight)
+        return kernels.dwconv3x3(h, m.qkv_dwconv.weight, layout=m.layout, split=3)
+    x = ops.layer_norm(x, norm)
+    return paper.to_tokens(ops.conv(m.qkv_dwconv, ops.conv(m.qkv, x)), m.layout).chunk(3, dim=-1)
 
 
 def channel_matrices(m: paper.ChannelAttention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -85,10 +98,9 @@ def channel_matrices(m: paper.ChannelAttention, q: torch.Tensor, k: torch.Tensor
     return torch.softmax(gram, -1, out=kernels.empty((g, c, c)))
 
 
-def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torch.Tensor,
-                      norm: nn.Module):
-    """``y = residual + m(x)`` and ``norm(y)`` (NHWC)."""
-    q, k, v = qkv_tokens(m, x)
+def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, norm_in: nn.Module, norm: nn.Module):
+    """``y = x + m(norm_in(x))`` and ``norm(y)`` (NHWC)."""
+    q, k, v = qkv_tokens(m, x, norm_in)
     y = None
     if ops.c_kernels(q):  # each group's matrices, projection and output in cache
         y = kernels.channel_attention(q, k, v, float(m.temperature), m.project_out.weight)
@@ -103,7 +115,7 @@ def channel_attention(m: paper.ChannelAttention, x: torch.Tensor, residual: torc
     else:
         attn = m.matrices(q, k)
         y = v @ (m.project_out.weight.flatten(1) @ attn).transpose(1, 2)
-    return ops.add_tokens_norm(residual, y, m.layout, norm)
+    return ops.add_tokens_norm(x, y, m.layout, norm)
 
 
 @register_form(paper.ConvNHWC)
@@ -149,12 +161,11 @@ class FusedAttentionUnit(FusedForm, paper.AttentionUnit):
         by the merged W_o W_v. (A method of its own, so that the normalised tokens are freed
         when it returns.)"""
         a, merged = self.attn, self.cache()
-        t = ops.layer_norm(x, self.norm1, self.kind)
         if not a.computes:
             if shared is None:
                 raise RuntimeError("a sharing attention unit needs the matrix of a computing unit")
-            return shared, ops.linear(t, merged["w"])
-        qkv = ops.linear(t, merged["w"])
+            return shared, normed_product(x, self.norm1, self.kind, merged["w"])
+        qkv = normed_product(x, self.norm1, self.kind, merged["w"])
         d = qkv.shape[-1] // 3
         if ops.c_kernels(qkv):  # scores, bias and softmax of each window in registers
             return kernels.attention_scores(qkv, merged["bias"], a.scale), qkv[..., 2 * d:]
@@ -174,9 +185,9 @@ class FusedCAM(FusedForm, paper.CAM):
     def forward(self, x):
         if not inference(x):
             return super().forward(x)
-        x, z = channel_attention(self.ca_meso, ops.layer_norm(x, self.norm1), x, self.norm2)
+        x, z = channel_attention(self.ca_meso, x, self.norm1, self.norm2)
         x = gfn(self.gfn1, z, residual=x)
-        x, z = channel_attention(self.ca_glob, ops.layer_norm(x, self.norm3), x, self.norm4)
+        x, z = channel_attention(self.ca_glob, x, self.norm3, self.norm4)
         return gfn(self.gfn2, z, residual=x)
 
 

@@ -943,3 +943,36 @@ int gate_linear(const float *x, const float *x2, long xs, const float *wt, const
     free(cols);
     return 1;
 }
+
+/* ------------------------------------------------------------------ LayerNorm and product */
+/* y = LayerNorm(x) W^T (+ bias) written as tokens in `layout` order (0 image, 1 meso, 2
+ * global): the LayerNorm of 8 tokens at a time into a buffer of the thread, then their
+ * product while they are in cache, so that the normalised map is never written out (the
+ * same arithmetic as layer_norm and linear_small). K at most MAX_C; returns 0 where N is
+ * not one of linear_small's widths or the layout is not one of these. */
+ALWAYS_INLINE void norm_tokens8(const float *x, long xs, float *buf, long t0, int n, int K, const float *g,
+                                const float *be, float eps, int layout, int H, int W) {
+    for (int r = 0; r < n; r++) {
+        const long t = t0 + r;
+        const long p = layout == 0 ? t : pixel_of(layout, t / 64, (int)(t % 64), H, W);
+        norm_pixel(x + p * xs, buf + r * K, K, g, be, eps);
+    }
+}
+
+int norm_linear(const float *x, long xs, int B, int H, int W, int K, const float *g, const float *be,
+                float eps, int layout, const float *wt, const float *bias, float *y, int N, int threads) {
+    if (N != 16 && N != 32 && N % 12) return 0;
+    if (layout < 0 || layout > 2 || K > MAX_C) return 0;
+    const long M = (long)B * H * W, blocks = (M + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        float buf[8 * MAX_C] __attribute__((aligned(64)));
+        const int n = M - b * 8 < 8 ? (int)(M - b * 8) : 8;
+#define NORM(c) norm_tokens8(x, xs, buf, b * 8, n, c, g, be, eps, layout, H, W)
+        BY_CHANNELS(K, NORM)
+#undef NORM
+        segs_t sg = {.x = {buf}, .xs = {K}, .k = {K}, .n = 1};
+        linear_block_all(&sg, wt, bias, NULL, 0, y + b * 8 * N, n, N, 0, 0);
+    }
+    return 1;
+}
