@@ -7,13 +7,16 @@ oneDNN primitives with post-ops, or PyTorch. Unprepared models (training, export
 their paper modules.
 
 ``nhwc.c`` holds the steps of ASID that PyTorch runs as several passes over a map (or
-slowly, for maps of 12-48 channels): LayerNorm over channels written straight into
-window/grid token order, the residual add back from tokens fused with the next LayerNorm,
-depthwise 3x3 convs with GELU or the GFN's gate (and the channel means SE needs), the
-attention output ``A v`` added into the map and normalised, a computing unit's scores, bias
-and softmax in one pass, and 1x1 convs with bias, GELU, sigmoid or a residual add (12-48
-output channels in registers, where oneDNN reaches a third to a half of the machine's rate;
-wider products in column chunks), all writing into the workspace of the prepared model
+slowly, for maps of 12-48 channels): 1x1 convs with bias, GELU, sigmoid or a residual add
+(8 rows x 24 outputs in registers, where oneDNN reaches a third to a half of the machine's
+rate; the input may be up to four maps side by side, a concatenation never written out),
+a LayerNorm taken by the product after it in window/grid token order (``norm_linear``),
+LayerNorm alone, the residual add back from tokens fused with the next LayerNorm, depthwise
+3x3 convs with GELU or the GFN's gate (and the channel means SE needs; q, k, v in one pass),
+the GFN's gate and output product row by row (``gate_linear``), the attention output ``A v``
+added into the map and normalised, a computing unit's scores, bias and softmax in one pass,
+the CAM's channel attention group by group in cache (``channel_attention``), and a tiled
+NHWC -> NCHW copy, all writing into the workspace of the prepared model
 (``distillsr.kernels.workspace``). The C file is
 compiled once with the system C compiler (``$CC``, else ``cc``, else ``gcc``; flags
 ``-O3 -march=native -fopenmp``) into ``$DISTILLSR_CACHE/kernels`` (default
