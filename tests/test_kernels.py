@@ -177,7 +177,7 @@ def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
     names = ("norm_linear", "gate_linear", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
-             "attention_scores", "linear", "to_nchw", "channel_attention")
+             "attention_scores", "linear", "upsample_conv", "channel_attention")
     for name in names:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
@@ -367,3 +367,23 @@ def test_layer_norm_taken_by_the_product(layout, k, n):
         assert kernels.norm_linear(x, norm, "grid", w) is None
     assert torch.equal(got, steps)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("s, h, w", [(2, 9, 21), (3, 8, 17), (4, 5, 8), (2, 1, 3)])
+def test_upsampler_straight_into_the_cropped_image(s, h, w):
+    """``upsample_conv`` is the 3x3 conv and pixel shuffle of NHWC features, cropped, and no
+    further from the exact sum than PyTorch's NCHW conv."""
+    torch.manual_seed(s * h * w)
+    conv = torch.nn.Conv2d(48, 3 * s * s, 3, padding=1)
+    x = torch.randn(2, h, w, 48 + 5)[..., 2:50]  # a strided map
+    with torch.inference_mode():
+        ref = F.pixel_shuffle(conv(x.permute(0, 3, 1, 2).contiguous()), s)
+        exact = F.pixel_shuffle(F.conv2d(x.permute(0, 3, 1, 2).double(), conv.weight.double(),
+                                         conv.bias.double(), padding=1), s)
+        for oh, ow in [(h * s, w * s), (h * s - 1, w * s - 2)]:
+            got = kernels.upsample_conv(x, conv, s, oh, ow)
+            assert got.shape == (2, 3, oh, ow) and got.is_contiguous()
+            torch.testing.assert_close(got, ref[..., :oh, :ow], atol=2e-6, rtol=0)
+            err = (got.double() - exact[..., :oh, :ow]).abs().max()
+            assert err <= max((ref.double() - exact).abs().max() * 1.5, 1e-7)
+        assert kernels.upsample_conv(x, torch.nn.Conv2d(48, 12, 1), 2, 2 * h, 2 * w) is None

@@ -153,6 +153,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.gate_linear.restype = ctypes.c_int
     lib.norm_linear.argtypes = [P, L, I, I, I, I, P, P, F, I, P, P, P, I, I]
     lib.norm_linear.restype = ctypes.c_int
+    lib.upsample_conv.argtypes = [P, L, I, I, I, I, P, P, I, I, P, I, I, I]
+    lib.upsample_conv.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
               lib.nhwc_to_nchw):
         f.restype = None
@@ -328,6 +330,31 @@ def gate_linear(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2
     ok = _kernels().gate_linear(x.data_ptr(), x2.data_ptr(), xs, taps.data_ptr(), taps2.data_ptr(), b, h, w, c,
                                 wo_t.data_ptr(), _ptr(a), 0 if a is None else lda, y.data_ptr(), n,
                                 torch.get_num_threads())
+    return y if ok else None
+
+
+def upsample_conv(x: torch.Tensor, conv, scale: int, out_h: int, out_w: int) -> Optional[torch.Tensor]:
+    """``pixel_shuffle(conv(x), scale)`` cropped to ``out_h`` x ``out_w``, from the NHWC map
+    ``x`` (B, H, W, C) into a new NCHW image (B, 3, out_h, out_w): ``conv`` the network's last
+    3x3 conv (padding 1, C -> 3 scale^2, with bias), computed as one product over the nine
+    taps per pixel. None where it does not apply (the caller runs the conv)."""
+    b, h, w, c = x.shape
+    n = 3 * scale * scale
+    if (x.dtype != torch.float32 or conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.groups != 1
+            or conv.weight.shape != (n, c, 3, 3) or c > 64 or out_h > h * scale or out_w > w * scale):
+        return None
+    n_pad = next(v for v in (12, 16, 24, 32, 36, 48, 60, 72, 84, 96, 108, 120, 132, 144) if v >= n) if n <= 144 else None
+    if n_pad is None:
+        return None
+    x, xs = _pixels(x)
+    wt = torch.zeros(9 * c, n_pad)
+    wt[:, :n] = conv.weight.detach().float().permute(2, 3, 1, 0).reshape(9 * c, n)  # (tap, c) x out
+    bias = torch.zeros(n_pad)
+    if conv.bias is not None:
+        bias[:n] = conv.bias.detach().float()
+    y = torch.empty((b, 3, out_h, out_w), dtype=x.dtype)  # the caller's: not a workspace buffer
+    ok = _kernels().upsample_conv(x.data_ptr(), xs, b, h, w, c, wt.data_ptr(), bias.data_ptr(), n_pad, scale,
+                                  y.data_ptr(), out_h, out_w, torch.get_num_threads())
     return y if ok else None
 
 

@@ -675,10 +675,16 @@ ALWAYS_INLINE v4f_ sigmoid4(v4f_ x) {
     return __builtin_shufflevector(w, w, 0, 1, 2, 3);
 }
 
-/* the input of a product: up to LIN_MAX_SEG maps side by side (a concatenation over
+/* the input of a product: up to LIN_MAX_SEG maps side by side (linear_small takes 4) (a concatenation over
  * channels that is never written out), segment s with k[s] channels, rows at stride xs[s] */
-#define LIN_MAX_SEG 4
-typedef struct { const float *x[LIN_MAX_SEG]; long xs[LIN_MAX_SEG]; int k[LIN_MAX_SEG]; int n; } segs_t;
+#define LIN_MAX_SEG 9
+typedef struct {
+    const float *x[LIN_MAX_SEG];
+    long xs[LIN_MAX_SEG];
+    int k[LIN_MAX_SEG];
+    int n;
+    int split_sums; /* sum each segment on its own, then the segments' sums (bias first) */
+} segs_t;
 
 ALWAYS_INLINE void linear_rows(const segs_t *sg, long m0, const float *wt, const float *bias,
                                const float *add, long lda, float *y, long ldn, int act,
@@ -689,10 +695,17 @@ ALWAYS_INLINE void linear_rows(const segs_t *sg, long m0, const float *wt, const
         for (int v = 0; v < NV; v++) acc[r][v] = bias ? load8_(bias + 8 * v) : (v8f){0};
         if (TAIL) acct[r] = bias ? load4_(bias + 8 * NV) : (v4f_){0};
     }
+    v8f tot[LIN_MAX_R][3];
+    v4f_ tott[LIN_MAX_R];
     const float *wk = wt;
     for (int s = 0; s < sg->n; s++) {
         const long xs = sg->xs[s];
         const float *x = sg->x[s] + m0 * xs;
+        if (sg->split_sums) /* the running total so far (the bias at first); this segment from 0 */
+            for (int r = 0; r < R; r++) {
+                for (int v = 0; v < NV; v++) { tot[r][v] = s ? tot[r][v] + acc[r][v] : acc[r][v]; acc[r][v] = (v8f){0}; }
+                if (TAIL) { tott[r] = s ? tott[r] + acct[r] : acct[r]; acct[r] = (v4f_){0}; }
+            }
         for (int k = 0; k < sg->k[s]; k++, wk += ldn) {
             v8f w[3];
             for (int v = 0; v < NV; v++) w[v] = load8_(wk + 8 * v);
@@ -704,6 +717,11 @@ ALWAYS_INLINE void linear_rows(const segs_t *sg, long m0, const float *wt, const
             }
         }
     }
+    if (sg->split_sums)
+        for (int r = 0; r < R; r++) {
+            for (int v = 0; v < NV; v++) acc[r][v] += tot[r][v];
+            if (TAIL) acct[r] += tott[r];
+        }
     for (int r = 0; r < R; r++) {
         float *yr = y + (m0 + r) * ldn;
         const float *ar = add ? add + (m0 + r) * lda : NULL;
@@ -761,7 +779,7 @@ int linear_small(const float *const *xp, const long *xsv, const int *kv, int nse
                  const float *bias, const float *add, long lda, float *y, long M, int N, int act,
                  int threads) {
     if (N != 16 && N != 32 && N % 12) return 0;
-    if (nseg < 1 || nseg > LIN_MAX_SEG) return 0;
+    if (nseg < 1 || nseg > 4) return 0;
     segs_t sg = {.n = nseg};
     for (int s = 0; s < nseg; s++) { sg.x[s] = xp[s]; sg.xs[s] = xsv[s]; sg.k[s] = kv[s]; }
     const long blocks = (M + 7) / 8;
@@ -974,5 +992,69 @@ int norm_linear(const float *x, long xs, int B, int H, int W, int K, const float
         segs_t sg = {.x = {buf}, .xs = {K}, .k = {K}, .n = 1};
         linear_block_all(&sg, wt, bias, NULL, 0, y + b * 8 * N, n, N, 0, 0);
     }
+    return 1;
+}
+
+/* ------------------------------------------------------------------ upsampler */
+/* The last conv (3x3, padding 1, C -> N = 3 s^2, with bias) of an NHWC map x (B, H, W, C at
+ * pixel stride xs) and the pixel shuffle, written straight into the NCHW image out
+ * (B, 3, Ho, Wo), cropped to Ho <= s H, Wo <= s W. As a product with 9 C inputs per pixel:
+ * each 8-pixel block reads its nine taps where they are (a zero row outside the map, a
+ * zero-padded copy at the left and right edges), each tap's C products summed on their own
+ * and then the nine sums (closer to the exact sum than one running sum of 9 C products);
+ * wt (9 C, Np) tap-major, Np >= N a width of linear_small (zero columns beyond N). */
+#define UP_MAX_C 64
+int upsample_conv(const float *x, long xs, int B, int H, int W, int C, const float *wt, const float *bias,
+                  int Np, int s, float *out, int Ho, int Wo, int threads) {
+    if (Np != 16 && Np != 32 && Np % 12) return 0;
+    if (C > UP_MAX_C || 3 * s * s > Np) return 0;
+    static const float zeros[UP_MAX_C];
+    float *bufs = malloc(sizeof(float) * (size_t)threads * W * Np);
+    if (!bufs) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++) {
+        const long b = bi / H;
+        const int i = bi % H;
+        float *yrow = bufs + (size_t)omp_get_thread_num() * W * Np;
+        float edge[3 * 10 * UP_MAX_C]; /* rows i-1..i+1, pixels j0-1..j0+8, zero outside */
+        for (int j0 = 0; j0 < W; j0 += 8) {
+            const int n = W - j0 < 8 ? W - j0 : 8;
+            const int inner = j0 > 0 && j0 + n < W;
+            if (!inner) {
+                memset(edge, 0, sizeof(float) * 3 * 10 * C);
+                for (int di = -1; di <= 1; di++) {
+                    if (i + di < 0 || i + di >= H) continue;
+                    for (int u = 0; u < n + 2; u++) {
+                        const int j = j0 - 1 + u;
+                        if (j < 0 || j >= W) continue;
+                        memcpy(edge + ((di + 1) * 10 + u) * C, x + ((bi + di) * W + j) * xs, sizeof(float) * C);
+                    }
+                }
+            }
+            segs_t sg = {.n = 9, .split_sums = 1};
+            for (int t = 0; t < 9; t++) {
+                const int di = t / 3 - 1, dj = t % 3 - 1;
+                sg.k[t] = C;
+                if (i + di < 0 || i + di >= H) { sg.x[t] = zeros; sg.xs[t] = 0; }
+                else if (inner) { sg.x[t] = x + ((bi + di) * W + j0 + dj) * xs; sg.xs[t] = xs; }
+                else { sg.x[t] = edge + ((di + 1) * 10 + dj + 1) * C; sg.xs[t] = C; }
+            }
+            linear_block_all(&sg, wt, bias, NULL, 0, yrow + (long)j0 * Np, n, Np, 0, 0);
+        }
+        /* pixel shuffle: output o = (ch s + a) s + b' of LR pixel (i, j) -> (ch, i s + a, j s + b') */
+        for (int ch = 0; ch < 3; ch++)
+            for (int a = 0; a < s; a++) {
+                const int oi = i * s + a;
+                if (oi >= Ho) continue;
+                float *orow = out + ((b * 3 + ch) * (long)Ho + oi) * Wo;
+                const float *src = yrow + (ch * s + a) * s;
+                for (int j = 0; j < W; j++)
+                    for (int bb = 0; bb < s; bb++) {
+                        const int oj = j * s + bb;
+                        if (oj < Wo) orow[oj] = src[(long)j * Np + bb];
+                    }
+            }
+    }
+    free(bufs);
     return 1;
 }
