@@ -478,7 +478,7 @@ void token_norms(const float *t, float *out, long G, long P, int C, int threads)
 #define AV_FINISH(X, r)                                                                        \
     do {                                                                                       \
         const int m = i0 + (r);                                                                \
-        const long p = pixel_of(layout, g, m, H, W);                                           \
+        const long p = member_pixel(org, m);                                                   \
         const float *xp = x + p * xs;                                                          \
         float *op = out + p * d;                                                               \
         v8f t8;                                                                                \
@@ -490,15 +490,17 @@ void token_norms(const float *t, float *out, long G, long P, int C, int threads)
         norm_pixel(op, z + p * d, d, ln_g, ln_b, eps);                                         \
     } while (0)
 
-/* pixel index of member m of group g (the inverse of token_row for layouts 1 and 2) */
-static long pixel_of(int layout, long g, int m, int H, int W) {
+/* Member m of group g (layouts 1 and 2) is pixel o.p0 + (m / 8) o.rs + (m % 8) o.cs: the
+ * group's origin, found once per group (integer divisions), then a few adds per member. */
+typedef struct { long p0, rs, cs; } origin_t;
+static origin_t group_origin(int layout, long g, int H, int W) {
     const long h = H / 8, w = W / 8, b = g / (h * w), gi = (g % (h * w)) / w, gj = g % w;
-    const int mi = m / 8, mj = m % 8;
-    long i, j;
-    if (layout == 1) { i = gi * 8 + mi; j = gj * 8 + mj; }
-    else { i = (long)mi * h + gi; j = (long)mj * w + gj; }
-    return (b * H + i) * W + j;
+    origin_t o;
+    if (layout == 1) { o.p0 = (b * H + gi * 8) * W + gj * 8; o.rs = W; o.cs = 1; }
+    else { o.p0 = (b * H + gi) * W + gj; o.rs = h * W; o.cs = w; }
+    return o;
 }
+ALWAYS_INLINE long member_pixel(origin_t o, int m) { return o.p0 + (m >> 3) * o.rs + (m & 7) * o.cs; }
 
 #define AV_STORE(X, r)                                                                         \
     do {                                                                                       \
@@ -517,6 +519,7 @@ ALWAYS_INLINE void attend_group(const float *A, const float *v, long vs, const f
                                 const float *ln_b, float eps, int layout, const int NV, const int TAIL) {
     const int d = 8 * NV + 4 * TAIL;
     const int R = NV + TAIL <= 3 ? 8 : 4; /* rows at a time: 8 for d <= 24, their sums in registers */
+    const origin_t org = buf ? (origin_t){0, 0, 0} : group_origin(layout, g, H, W);
     for (int i0 = 0; i0 < 64; i0 += R) {
         AV_VARS(p); AV_VARS(q); AV_VARS(r); AV_VARS(s);
         AV_VARS(e); AV_VARS(f); AV_VARS(h); AV_VARS(o);
@@ -563,8 +566,9 @@ ALWAYS_INLINE void attend_global_run(const float *A, const float *v, long vs, co
     for (int u = 0; u < n; u++)
         attend_group(A + (g0 + u) * 4096, v + (g0 + u) * 64 * vs, vs, x, xs, out, z, buf + u * 64 * d,
                      g0 + u, H, W, ln_g, ln_b, eps, 2, NV, TAIL);
+    const origin_t org = group_origin(2, g0, H, W);
     for (int m = 0; m < 64; m++) {
-        const long p0 = pixel_of(2, g0, m, H, W); /* the next groups' members follow it */
+        const long p0 = member_pixel(org, m); /* the next groups' members follow it */
         for (int u = 0; u < n; u++) {
             const float *xp = x + (p0 + u) * xs, *yp = buf + (u * 64 + m) * d;
             float *op = out + (p0 + u) * d;
@@ -970,9 +974,9 @@ int gate_linear(const float *x, const float *x2, long xs, const float *wt, const
  * not one of linear_small's widths or the layout is not one of these. */
 ALWAYS_INLINE void norm_tokens8(const float *x, long xs, float *buf, long t0, int n, int K, const float *g,
                                 const float *be, float eps, int layout, int H, int W) {
-    for (int r = 0; r < n; r++) {
-        const long t = t0 + r;
-        const long p = layout == 0 ? t : pixel_of(layout, t / 64, (int)(t % 64), H, W);
+    const origin_t org = layout == 0 ? (origin_t){t0, 0, 1} : group_origin(layout, t0 / 64, H, W);
+    for (int r = 0; r < n; r++) { /* the 8 tokens are members of one group (or pixels in a row) */
+        const long p = layout == 0 ? t0 + r : member_pixel(org, (int)((t0 + r) % 64));
         norm_pixel(x + p * xs, buf + r * K, K, g, be, eps);
     }
 }
