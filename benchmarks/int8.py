@@ -53,8 +53,8 @@ def prepare(name: str, work: Path, calib: Path, log) -> dict:
     info = {}
     report_path = work / f"{name}_x4_int8.json"
     if not int8.is_file() or not report_path.is_file():
-        from distillsr.engine.quantize import graph_units, _load_proto
-        granularity = "layer" if len(graph_units(_load_proto(fp32))) <= 80 else "block"
+        from distillsr.engine.quantize import _load_proto, auto_granularity
+        granularity = auto_granularity(_load_proto(fp32))
         report = quantize(fp32, int8, calib_dir=calib, granularity=granularity, log=log)
         report_path.write_text(report.to_json())
     info["report"] = json.loads(report_path.read_text())

@@ -35,10 +35,12 @@ def register(sub) -> None:
                    help="held-out patches the sensitivity is scored on (default 16)")
     p.add_argument("--sensitivity", choices=("auto",) + GRANULARITIES, default="auto",
                    help="sensitivity unit: layer (each module's own nodes), block (top-level modules), "
-                        "off (quantise all but LayerNorm/Softmax), auto (layer up to 80 units, else "
+                        "off (quantise all but LayerNorm/Softmax), auto (layer up to 120 units, else "
                         "block; the default)")
-    p.add_argument("--max-drop", type=float, default=0.05, metavar="DB",
-                   help="PSNR cost allowed on the held-out patches (default 0.05 dB)")
+    p.add_argument("--max-drop", type=float, default=0.15, metavar="DB",
+                   help="PSNR cost allowed on the held-out patches (default 0.15 dB; these detailed "
+                        "crops lose more than the benchmark sets: 0.13 dB there was 0.09 dB on Set5 "
+                        "for E-RFDN x4)")
     p.add_argument("--report", metavar="PATH", help="sensitivity JSON (default: OUTPUT.sensitivity.json)")
     p.set_defaults(func=run)
 
@@ -109,8 +111,8 @@ def run(args) -> int:
 
 
 def _auto_granularity(src: Path) -> str:
-    from ..engine.quantize import _load_proto, graph_units
-    return "layer" if len(graph_units(_load_proto(src), "layer")) <= 80 else "block"
+    from ..engine.quantize import _load_proto, auto_granularity
+    return auto_granularity(_load_proto(src))
 
 
 def _fp32_export(args, tmp: Path) -> Path:
