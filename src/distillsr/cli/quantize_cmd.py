@@ -17,7 +17,8 @@ def register(sub) -> None:
         description="Quantise a network to an int8 ONNX file that `distillsr eval --weights FILE.onnx` and "
                     "`distillsr upscale --weights FILE.onnx` run with onnxruntime. static (default): QDQ, "
                     "per-channel int8 weights, uint8 activations calibrated on LR patches of photos; "
-                    "LayerNorm and Softmax stay float, and so do the most sensitive layers until the "
+                    "LayerNorm and Softmax stay float, and so do the layers that save the most PSNR per "
+                    "share of run time until the "
                     "PSNR cost on held-out patches is within --max-drop. The per-layer sensitivity "
                     "table is printed and written to FILE.sensitivity.json. dynamic: int8 weights, "
                     "activations quantised per run, no photos needed.")
