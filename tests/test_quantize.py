@@ -109,8 +109,9 @@ def test_float_nodes_and_units_of_a_small_graph(tmp_path):
     proto = onnx.load(_small_graph(tmp_path / "tiny.onnx"))
     assert set(Q.float_nodes(proto)) == {"ln", "ln2_mean", "ln2_sub", "softmax"}
     layers = Q.graph_units(proto, "layer")
-    assert layers == {"head": ["conv1"], "body": ["conv2"], "(top)": ["skip", "shuffle"], "tail": ["conv3"]}
-    # Mul (a gate) is not quantised; a block is the top-level module
+    assert layers == {"head": ["conv1"], "body": ["conv2"], "attn": ["gate"], "(top)": ["skip", "shuffle"],
+                      "tail": ["conv3"]}
+    # Mul (a gate) is quantised, the Softmax beside it is not; a block is the top-level module
     assert Q.graph_units(proto, "block") == layers
 
 
@@ -137,7 +138,7 @@ def test_layernorm_and_softmax_stay_float_after_static_quantisation(tmp_path):
     for conv in convs:
         dq = made_by[conv.input[1]]
         assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT8
-    assert [u.unit for u in report.units] == ["head", "body", "(top)", "tail"]
+    assert [u.unit for u in report.units] == ["head", "body", "attn", "(top)", "tail"]
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["distillsr.scale"] == "2" and json.loads(meta["distillsr.quantization"])["method"] == "static"
 
@@ -150,11 +151,70 @@ def test_sensitive_units_are_kept_float_until_the_cost_fits(tmp_path):
     # an unreachable target: every unit ends up float, the most sensitive first
     strict = Q.quantize(src, tmp_path / "b.onnx", calib_dir=photos, calib_count=4, calib_size=16, check_count=2,
                         max_drop=-1.0)
-    assert loose.kept_float == [] and len(loose.units) == 4
-    by_cost = [u.unit for u in sorted(loose.units, key=lambda u: -u.drop_db)]
+    assert loose.kept_float == [] and len(loose.units) == 5
+    # the order: PSNR saved per share of the run time that turns float
+    by_cost = [u.unit for u in sorted(loose.units, key=lambda u: -u.drop_db / (u.time_share + Q.ISLAND_SHARE))]
     assert strict.kept_float == by_cost
     assert strict.drop_db == 0.0  # all float: the float network's PSNR
     assert strict.qdq_nodes < loose.qdq_nodes
+
+
+def test_time_shares_count_the_producers_a_float_unit_reads(tmp_path):
+    src = _small_graph(tmp_path / "tiny.onnx")
+    proto = onnx.load(src)
+    units = Q.graph_units(proto, "layer")
+    shares = Q._unit_time_shares(src, proto, units, "input", np.zeros((1, 3, 6, 5), np.float32))
+    # multiply-adds per output pixel: conv1 8 x 27, conv2 8 x 72, conv3 12 x 72 (same spatial size)
+    total = 8 * 27 + 8 * 72 + 12 * 72
+    assert shares["head"] == pytest.approx(8 * 27 / total)
+    assert shares["body"] == pytest.approx(8 * 72 / total)
+    assert shares["tail"] == pytest.approx(12 * 72 / total)
+    assert shares["attn"] == 0.0  # the gate reads the Softmax and the LayerNorm, no weighted node
+    # the skip Add reads conv1's output and the shuffle conv3's: kept float, both run float
+    assert shares["(top)"] == pytest.approx((8 * 27 + 12 * 72) / total)
+
+
+def test_float_nodes_read_unquantised_tensors(tmp_path):
+    src = _small_graph(tmp_path / "tiny.onnx")
+    out = tmp_path / "kept.onnx"
+    report = Q.quantize(src, out, calib_dir=_photos(tmp_path / "photos"), calib_count=4, calib_size=16,
+                        granularity="layer", keep_float=["(top)"])
+    assert report.kept_float == ["(top)"]
+    proto = onnx.load(out)
+    made_by = _producers(proto)
+    skip = next(n for n in proto.graph.node if n.name == "skip")
+    # the kept-float Add takes the gate's and conv1's outputs as computed, not their int8 copies
+    assert list(skip.input) == ["f5", "f1"]
+    assert made_by["f1"].op_type == "Conv" and made_by["f5"].op_type == "Mul"
+    # f1's other consumer (the Transpose before the LayerNorm) is float too: its Q/DQ pair is gone,
+    # while conv2's input, read by an int8 conv, keeps one
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "f1" for n in proto.graph.node)
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "f2" for n in proto.graph.node)
+    # no Q/DQ node is left without a consumer, no initialiser unused
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for n in proto.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert n.output[0] in used, n.name
+    assert {t.name for t in proto.graph.initializer} <= used
+    # without the rewiring the Add would read dequantised copies
+    plain = tmp_path / "plain.onnx"
+    fp32 = onnx.load(src)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    reader = Q._Reader("input", [lr for lr, _ in Q.calibration_patches(tmp_path / "photos", 2, 4, 16)])
+    quantize_static(str(src), str(plain), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=["skip", "shuffle"], op_types_to_quantize=list(Q.QUANT_OP_TYPES),
+                    calibrate_method=CalibrationMethod.MinMax)
+    before = _producers(onnx.load(plain))
+    skip_before = next(n for n in onnx.load(plain).graph.node if n.name == "skip")
+    assert all(before[i].op_type == "DequantizeLinear" for i in skip_before.input)
+    # the Add's two inputs and the shuffle's one
+    assert Q.float_inputs_unquantised(fp32, plain, ["skip", "shuffle"]) == 3
+    assert list(next(n for n in onnx.load(plain).graph.node if n.name == "skip").input) == ["f5", "f1"]
+    # and the file runs
+    from distillsr.engine.onnx_backend import OnnxModel
+    import torch
+    assert tuple(OnnxModel(out)(torch.rand(1, 3, 9, 11)).shape) == (1, 3, 18, 22)
 
 
 # ----------------------------------------------------------------------------- E-RFDN end to end

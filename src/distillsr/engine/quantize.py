@@ -16,8 +16,14 @@ written:
   (Y, border = scale) on held-out patch pairs of other photos against the float run. A unit is
   a layer (the nodes one module owns directly: a convolution, or a block's own adds and
   activations) or, with ``granularity="block"``, one top-level child module;
-* the units are then kept float, most sensitive first, until the whole quantised network
-  loses at most ``max_drop`` dB on the held-out patches.
+* the units are then kept float until the whole quantised network loses at most ``max_drop``
+  dB on the held-out patches, in the order of the most PSNR saved per share of run time that
+  turns float (the unit's multiply-adds and those of the weighted nodes it reads, plus
+  :data:`ISLAND_SHARE`), as few as a bisection over their number finds.
+
+Nodes that stay float read the unquantised tensors (:func:`float_inputs_unquantised`): a
+float residual Add beside int8 convolutions adds the features as computed, not their uint8
+copies.
 
 The report (:class:`QuantizeReport`) lists each unit's drop, the units kept float and the
 final drop; ``distillsr quantize`` writes it beside the file as ``FILE.sensitivity.json``.
@@ -42,13 +48,16 @@ import numpy as np
 
 __all__ = ["QuantizeError", "QuantizeReport", "UnitSensitivity", "quantize", "calibration_patches",
            "graph_units", "float_nodes", "onnx_scale", "is_quantized", "format_report", "METHODS",
-           "GRANULARITIES", "FLOAT_OP_TYPES", "QUANT_OP_TYPES"]
+           "GRANULARITIES", "FLOAT_OP_TYPES", "QUANT_OP_TYPES", "AUTO_LAYER_UNITS", "auto_granularity",
+           "float_inputs_unquantised", "ISLAND_SHARE"]
 
 PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
 
 METHODS = ("static", "dynamic")
 GRANULARITIES = ("layer", "block", "off")
+# --sensitivity auto: layers up to this many layer units, blocks above
+AUTO_LAYER_UNITS = 120
 # op types that stay float whatever the sensitivity says
 FLOAT_OP_TYPES = ("LayerNormalization", "Softmax")
 # module classes whose every node stays float (a LayerNorm written as mean / var / sqrt)
@@ -56,10 +65,11 @@ _FLOAT_CLASS_WORDS = ("LayerNorm", "Softmax")
 # nodes with weights: each is a layer of its own for the sensitivity
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-# op types quantised: the weighted ones and those that keep int8 data flowing between them;
-# gates (Sigmoid, Mul), Resize and the rest stay float (they cost accuracy and save no time)
+# op types quantised: the weighted ones and those that keep int8 data flowing between them,
+# gates (Sigmoid, Mul) and Resize included (onnxruntime runs them as QLinearSigmoid / QLinearMul
+# / uint8 Resize, which spares a dequantise / quantise pair around each); the rest stays float
 QUANT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Concat", "LeakyRelu", "Relu", "MaxPool",
-                  "DepthToSpace")
+                  "DepthToSpace", "Sigmoid", "Mul", "Resize")
 
 
 class QuantizeError(RuntimeError):
@@ -73,6 +83,7 @@ class UnitSensitivity:
     nodes: int
     ops: str
     drop_db: float
+    time_share: Optional[float] = None  # share of the network's multiply-adds
 
 
 @dataclass
@@ -174,6 +185,11 @@ def graph_units(proto, granularity: str = "layer") -> Dict[str, List[str]]:
             continue
         units.setdefault(_unit_of(n, granularity), []).append(n.name)
     return units
+
+
+def auto_granularity(proto) -> str:
+    """``layer`` when the graph has at most :data:`AUTO_LAYER_UNITS` layer units, else ``block``."""
+    return "layer" if len(graph_units(proto, "layer")) <= AUTO_LAYER_UNITS else "block"
 
 
 def _op_summary(proto, names: Sequence[str]) -> str:
@@ -293,7 +309,7 @@ def _quiet_quantizer():
 
 
 def _static(src: PathLike, dst: PathLike, *, cache: Path, reader: Optional[_Reader],
-            nodes_to_quantize=None, nodes_to_exclude=None) -> None:
+            nodes_to_quantize=None, nodes_to_exclude=None, src_proto=None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     if reader is not None:
         reader.rewind()
@@ -303,6 +319,58 @@ def _static(src: PathLike, dst: PathLike, *, cache: Path, reader: Optional[_Read
                         nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
                         op_types_to_quantize=list(QUANT_OP_TYPES),
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
+    src_proto = src_proto if src_proto is not None else _load_proto(src)
+    wanted = None if nodes_to_quantize is None else set(nodes_to_quantize)
+    unwanted = set(nodes_to_exclude or ())
+    floats = {n.name for n in src_proto.graph.node
+              if n.op_type not in QUANT_OP_TYPES or n.name in unwanted or (wanted is not None and n.name not in wanted)}
+    float_inputs_unquantised(src_proto, dst, floats)
+
+
+def float_inputs_unquantised(src_proto, path: PathLike, float_names) -> int:
+    """Rewrite the QDQ file ``path`` so that the nodes meant to run float (``float_names``) read
+    the unquantised tensors: onnxruntime's quantiser hands every consumer of a quantised tensor
+    its dequantised copy, so a float node next to int8 ones (a global residual Add, a kept-float
+    convolution) would compute on rounded data for no speed gain. A tensor whose producer the
+    quantiser changed (a Relu folded into the Conv before it) keeps its Q/DQ pair; Q/DQ nodes
+    left without consumers are removed. Returns the number of inputs rewired."""
+    import onnx
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    src_producer = {o: n.op_type for n in src_proto.graph.node for o in n.output}
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    quantised_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    original: Dict[str, str] = {}  # DQ output -> the float tensor its Q took
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantised_from:
+            t = quantised_from[n.input[0]]
+            if t in src_producer and producer.get(t) == src_producer[t]:
+                original[n.output[0]] = t
+            elif t not in src_producer and t in {i.name for i in src_proto.graph.input}:
+                original[n.output[0]] = t
+    floats, rewired = set(float_names), 0
+    for n in graph.node:
+        if n.name in floats and n.op_type not in _QDQ_OPS:
+            for i, name in enumerate(n.input):
+                if name in original:
+                    n.input[i] = original[name]
+                    rewired += 1
+    if not rewired:
+        return 0
+    outputs = {o.name for o in graph.output}
+    while True:  # Q/DQ nodes whose outputs nobody reads any more
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in _QDQ_OPS and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.save_model(proto, str(path))
+    return rewired
 
 
 def _count_qdq(path: PathLike) -> int:
@@ -326,7 +394,7 @@ def _set_metadata(path: PathLike, extra: Dict[str, str]) -> None:
 
 def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir: Optional[PathLike] = None,
              calib_count: int = 32, calib_size: int = 64, check_count: int = 16,
-             granularity: str = "layer", max_drop: float = 0.05, threads: Optional[int] = None,
+             granularity: str = "layer", max_drop: float = 0.15, threads: Optional[int] = None,
              keep_float: Optional[Sequence[str]] = None, log: Optional[Log] = None) -> QuantizeReport:
     """Quantise the fp32 export ``src`` to ``dst`` (written atomically: complete or absent).
 
@@ -381,7 +449,8 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir:
                     raise QuantizeError(f"no {granularity} unit named {', '.join(unknown)} in {src}")
                 excluded += [n for u in keep_float for n in units[u]]
                 report.kept_float = list(keep_float)
-            _static(src, tmp / "q.onnx", cache=cache, reader=reader, nodes_to_exclude=excluded or None)
+            _static(src, tmp / "q.onnx", cache=cache, reader=reader, nodes_to_exclude=excluded or None,
+                    src_proto=proto)
             if granularity != "off" and keep_float is None:
                 _choose_float_units(src, proto, tmp, cache, report, calib_dir, calib_size, check_count,
                                     input_name, threads, forced, log)
@@ -411,22 +480,28 @@ def _choose_float_units(src, proto, tmp: Path, cache: Path, report: QuantizeRepo
         f"{len(pairs)} held-out patches (float: {report.float_psnr:.3f} dB)")
     one = tmp / "one.onnx"
     for i, (unit, nodes) in enumerate(units.items()):
-        _static(src, one, cache=cache, reader=None, nodes_to_quantize=nodes, nodes_to_exclude=forced or None)
+        _static(src, one, cache=cache, reader=None, nodes_to_quantize=nodes, nodes_to_exclude=forced or None,
+                src_proto=proto)
         drop = report.float_psnr - checker.psnr(one)
         report.units.append(UnitSensitivity(unit, len(nodes), _op_summary(proto, nodes), round(drop, 4)))
         log(f"  [{i + 1}/{len(units)}] {unit}: {drop:+.4f} dB")
-    # the fewest of the most sensitive units kept float for the whole graph to fit max_drop:
-    # a bisection over their number (the cost falls, give or take noise, as more stay float)
-    order = [u.unit for u in sorted(report.units, key=lambda u: -u.drop_db)]
+    # the units kept float for the whole graph to fit max_drop, in the order of the most PSNR
+    # saved per unit of run time lost (a unit's time share is estimated from its multiply-adds,
+    # plus a floor for the quantise / dequantise steps around any float island); a bisection over
+    # their number (the cost falls, give or take noise, as more stay float)
+    shares = _unit_time_shares(src, proto, units, input_name, pairs[0][0])
+    for u in report.units:
+        u.time_share = round(shares[u.unit], 5)
+    order = [u.unit for u in sorted(report.units, key=lambda u: -u.drop_db / (shares[u.unit] + ISLAND_SHARE))]
     final = tmp / "q.onnx"
     trials: Dict[int, float] = {0: report.float_psnr - checker.psnr(final)}
     log(f"  whole graph quantised: {trials[0]:+.4f} dB (allowed {report.max_drop_db} dB)")
 
     def build(k: int, path: Path) -> float:
         excluded = forced + [n for u in order[:k] for n in units[u]]
-        _static(src, path, cache=cache, reader=None, nodes_to_exclude=excluded or None)
+        _static(src, path, cache=cache, reader=None, nodes_to_exclude=excluded or None, src_proto=proto)
         trials[k] = report.float_psnr - checker.psnr(path)
-        log(f"  {k} most sensitive unit(s) float: {trials[k]:+.4f} dB")
+        log(f"  first {k} unit(s) of the order float: {trials[k]:+.4f} dB")
         return trials[k]
 
     lo, hi = 0, len(order)
@@ -453,16 +528,69 @@ def _choose_float_units(src, proto, tmp: Path, cache: Path, report: QuantizeRepo
     log(f"  chosen: {len(kept)} unit(s) float, {trials[hi]:+.4f} dB on the held-out patches")
 
 
+# the run time share charged to any unit kept float on top of its multiply-adds: the
+# dequantise / quantise (and layout) steps where int8 data enters and leaves a float island
+ISLAND_SHARE = 0.02
+
+
+def _unit_time_shares(src, proto, units: Dict[str, List[str]], input_name: str, patch: np.ndarray) -> Dict[str, float]:
+    """The share of the network's multiply-adds (convolutions, MatMul, Gemm) that runs float
+    when a unit is kept float: its own weighted nodes and those whose outputs it reads, from the
+    tensor shapes of one float run on ``patch``."""
+    import onnx
+    import onnxruntime as ort
+    weighted = [n for n in proto.graph.node if n.op_type in _WEIGHTED_OPS]
+    if not weighted:
+        return {u: 0.0 for u in units}
+    probe = onnx.load(str(src))
+    known = {o.name for o in probe.graph.output}
+    wanted = []
+    for n in weighted:
+        for t in (n.input[0], n.output[0]):
+            if t not in known:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+                known.add(t)
+            wanted.append(t)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    runner = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = list(dict.fromkeys(wanted))
+    shapes = {k: v.shape for k, v in zip(names, runner.run(names, {input_name: patch}))}
+    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    macs: Dict[str, float] = {}
+    for n in weighted:
+        x, y = shapes[n.input[0]], shapes[n.output[0]]
+        w = weights.get(n.input[1]) if len(n.input) > 1 else None
+        if n.op_type == "Conv":
+            per_output = float(np.prod(w[1:])) if w else float(x[1])
+            macs[n.name] = float(np.prod(y)) * per_output
+        elif n.op_type == "ConvTranspose":
+            macs[n.name] = float(np.prod(x)) * (float(np.prod(w[1:])) if w else float(y[1]))
+        else:  # MatMul, Gemm: the output times the inner dimension
+            macs[n.name] = float(np.prod(y)) * float(x[-1])
+    total = sum(macs.values()) or 1.0
+    # a float node reads unquantised tensors (float_inputs_unquantised), so the weighted nodes
+    # that produce its inputs run float too
+    producer = {o: n.name for n in proto.graph.node for o in n.output}
+    shares = {}
+    for u, nodes in units.items():
+        own = set(nodes)
+        fed = {producer.get(i) for n in proto.graph.node if n.name in own for i in n.input}
+        shares[u] = sum(macs.get(n, 0.0) for n in own | (fed - own)) / total
+    return shares
+
+
 def format_report(report: QuantizeReport, top: int = 15) -> str:
     """The sensitivity table (most sensitive first) and the outcome, for people."""
     lines = []
     if report.units:
         lines.append(f"sensitivity ({report.granularity} units quantised alone; PSNR drop on "
                      f"{report.check_patches} held-out patches, float {report.float_psnr:.3f} dB):")
-        lines.append(f"  {'unit':<32} {'nodes':>5} {'drop dB':>8}  float  ops")
+        lines.append(f"  {'unit':<32} {'nodes':>5} {'drop dB':>8} {'time %':>6}  float  ops")
         for u in sorted(report.units, key=lambda u: -u.drop_db)[:top]:
             mark = "yes" if u.unit in report.kept_float else ""
-            lines.append(f"  {u.unit:<32} {u.nodes:>5} {u.drop_db:>8.4f}  {mark:<5}  {u.ops}")
+            share = f"{100 * u.time_share:.1f}" if u.time_share is not None else "-"
+            lines.append(f"  {u.unit:<32} {u.nodes:>5} {u.drop_db:>8.4f} {share:>6}  {mark:<5}  {u.ops}")
         if len(report.units) > top:
             lines.append(f"  ... {len(report.units) - top} more in the JSON report")
     lines.append(f"{report.method}: {len(report.forced_float)} LayerNorm/Softmax node(s) float, "
