@@ -176,7 +176,7 @@ def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
 def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
-    names = ("norm_linear", "gate_linear", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
+    names = ("norm_linear", "gfn_rows", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
              "attention_scores", "linear", "upsample_conv", "channel_attention")
     for name in names:
         real = getattr(kernels, name)
@@ -387,3 +387,26 @@ def test_upsampler_straight_into_the_cropped_image(s, h, w):
             err = (got.double() - exact[..., :oh, :ow]).abs().max()
             assert err <= max((ref.double() - exact).abs().max() * 1.5, 1e-7)
         assert kernels.upsample_conv(x, torch.nn.Conv2d(48, 12, 1), 2, 2 * h, 2 * w) is None
+
+
+@pytest.mark.parametrize("d, shape", [(48, (1, 9, 21)), (36, (2, 7, 13)), (12, (1, 1, 5)), (24, (3, 16, 24))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_whole_gfn_row_by_row(d, shape, threads):
+    """``gfn_rows`` gives exactly what the product, then ``gate_linear``, give, whatever bands
+    the threads take (a band may start inside an image)."""
+    torch.manual_seed(d)
+    b, h, w = shape
+    x = torch.randn(b, h, w, d + 3)[..., 1:d + 1]
+    wi, wd, wo = torch.randn(2 * d, d, 1, 1) * 0.2, torch.randn(2 * d, 1, 3, 3), torch.randn(d, d, 1, 1) * 0.2
+    res = torch.randn(b, h, w, d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = kernels.gfn_rows(x, wi, wd, wo, add=res)
+            hid = kernels.linear(x, wi.flatten(1))
+            steps = kernels.gate_linear(hid[..., :d], wd[:d], hid[..., d:], wd[d:], wo, add=res)
+            assert kernels.gfn_rows(x[..., :d - 4], wi, wd, wo) is None
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, steps)

@@ -155,6 +155,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.norm_linear.restype = ctypes.c_int
     lib.upsample_conv.argtypes = [P, L, I, I, I, I, P, P, I, I, P, I, I, I]
     lib.upsample_conv.restype = ctypes.c_int
+    lib.gfn_rows.argtypes = [P, L, I, I, I, I, P, P, P, P, P, L, P, I]
+    lib.gfn_rows.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
               lib.nhwc_to_nchw):
         f.restype = None
@@ -303,6 +305,33 @@ def norm_linear(x: torch.Tensor, norm, layout: str, weight: torch.Tensor,
     ok = _kernels().norm_linear(x.data_ptr(), xs, b, h, w, k, gamma.data_ptr(), beta.data_ptr(), norm.eps,
                                 LAYOUTS[layout], wt.data_ptr(), _ptr(bias), y.data_ptr(), n,
                                 torch.get_num_threads())
+    return y if ok else None
+
+
+def gfn_rows(x: torch.Tensor, w_in: torch.Tensor, w_dw: torch.Tensor, w_out: torch.Tensor,
+             add: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """ASID's GFN on an NHWC map of d channels, ``(GELU(dw(h1)) * dw2(h2)) W_out^T (+ add)``
+    with ``[h1 h2] = x W_in^T`` (``w_in`` (2d, d), ``w_dw`` (2d, 1, 3, 3), ``w_out`` (d, d), no
+    biases), row by row: neither the 2d-channel map nor the gate is written out. None where
+    d is not a compiled width (the caller runs the steps)."""
+    d = x.shape[-1]
+    if (d not in (12, 16, 24, 32, 36, 48) or w_in.flatten(1).shape != (2 * d, d)
+            or w_dw.shape != (2 * d, 1, 3, 3) or w_out.flatten(1).shape != (d, d)):
+        return None
+    x, xs = _pixels(x)
+    b, h, w, _ = x.shape
+    a = lda = None
+    if add is not None:
+        a, lda = _pixels(add)
+        if a.shape != x.shape:
+            raise ValueError(f"the added map {tuple(add.shape)} does not fit a {tuple(x.shape)} output")
+    win_t = w_in.detach().reshape(2 * d, d).t().contiguous().float()
+    wo_t = w_out.detach().reshape(d, d).t().contiguous().float()
+    taps, taps2 = _taps(w_dw[:d]), _taps(w_dw[d:])
+    y = empty((b, h, w, d), x.dtype)
+    ok = _kernels().gfn_rows(x.data_ptr(), xs, b, h, w, d, win_t.data_ptr(), taps.data_ptr(), taps2.data_ptr(),
+                             wo_t.data_ptr(), _ptr(a), 0 if a is None else lda, y.data_ptr(),
+                             torch.get_num_threads())
     return y if ok else None
 
 

@@ -51,6 +51,10 @@ def gfn(m: paper.GFN, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + m(x)`` (NHWC)."""
     d = m.project_out.in_channels
     w = m.project_in.weight
+    if ops.c_kernels(x):  # all of it row by row: no map but the output written out
+        y = kernels.gfn_rows(x, w, m.dwconv.weight, m.project_out.weight, add=residual)
+        if y is not None:
+            return y
     if ops.c_kernels(x):  # one product, then both dwconvs, GELU, gate and project_out row by row
         h, w_dw = ops.linear(x, w), m.dwconv.weight
         y = kernels.gate_linear(h[..., :d], w_dw[:d], h[..., d:], w_dw[d:], m.project_out.weight, add=residual)

@@ -272,12 +272,13 @@ ALWAYS_INLINE v4f_ gelu4(v4f_ x) {
         if (NV > 5) A##5 += load8_(w_ + 40) * load8_(xp_ + 40);           \
         if (TAIL) A##t += load4_(w_ + 8 * NV) * load4_(xp_ + 8 * NV);      \
     } while (0)
-/* A = the 3x3 conv at column j of the rows around x (row stride rs, pixel stride xs) */
+/* A = the 3x3 conv at column j of the rows around x (the rows above and below at offsets up
+ * and dn from it: -rs and rs in a map, anything in a ring of rows; pixel stride xs) */
 #define DW_CONV(A, x, wt)                                                                 \
     do {                                                                                  \
         for (int di = -1; di <= 1; di++) {                                                \
             if ((di < 0 && !top) || (di > 0 && !bottom)) continue;                        \
-            const float *xr_ = (x) + di * rs + (long)j * xs;                              \
+            const float *xr_ = (x) + (di < 0 ? up : di > 0 ? dn : 0) + (long)j * xs;      \
             const float *wr_ = (wt) + (di + 1) * 3 * C;                                   \
             if (j > 0) DW_TAP(A, xr_ - xs, wr_);                                          \
             DW_TAP(A, xr_, wr_ + C);                                                      \
@@ -310,7 +311,8 @@ ALWAYS_INLINE v4f_ gelu4(v4f_ x) {
     do {                                                                                  \
         for (int di = -1; di <= 1; di++) {                                                \
             if ((di < 0 && !top) || (di > 0 && !bottom)) continue;                        \
-            DW_TAP2(A, B, (x) + di * rs + (long)(j - 1) * xs, (wt) + (di + 1) * 3 * C);   \
+            DW_TAP2(A, B, (x) + (di < 0 ? up : di > 0 ? dn : 0) + (long)(j - 1) * xs,     \
+                    (wt) + (di + 1) * 3 * C);                                             \
         }                                                                                 \
     } while (0)
 
@@ -325,17 +327,17 @@ ALWAYS_INLINE void dw_gelu_regs(v8f *a0, v8f *a1, v8f *a2, v8f *a3, v8f *a4, v8f
     if (TAIL) *at = gelu4(*at);
 }
 
-ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long rs, int top, int bottom,
+ALWAYS_INLINE void dw_row_reg(const float *x, const float *x2, long xs, long up, long dn, int top, int bottom,
                               const float *wt, const float *wt2, const float *bias, float *y,
                               const long *cols, int W, int act, const int NV, const int TAIL) {
     const int C = 8 * NV + 4 * TAIL;
     for (int j = 0; j < W; j++) {
         if (PF_AHEAD > 0 && bottom && j + PF_AHEAD < W) { /* the row below is the one read for the first time */
             const int n_ = (j > 0 && j + 2 < W ? 2 : 1) * C * 4;
-            const char *p_ = (const char *)(x + rs + (long)(j + PF_AHEAD) * xs);
+            const char *p_ = (const char *)(x + dn + (long)(j + PF_AHEAD) * xs);
             for (int o = 0; o < n_; o += 64) __builtin_prefetch(p_ + o, 0, 3);
             if (x2) {
-                p_ = (const char *)(x2 + rs + (long)(j + PF_AHEAD) * xs);
+                p_ = (const char *)(x2 + dn + (long)(j + PF_AHEAD) * xs);
                 for (int o = 0; o < n_; o += 64) __builtin_prefetch(p_ + o, 0, 3);
             }
         }
@@ -423,7 +425,7 @@ void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
         for (int sp = 0; sp < nsplit; sp++) {
         const float *xr = x + bi * rs + sp * C, *wts = wt + sp * 9 * C;
         yr = y + sp * part + row_part(layout, bi / H, i, H, W) * C;
-#define REG(nv, tail) dw_row_reg(xr, xr2, xs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, nv, tail)
+#define REG(nv, tail) dw_row_reg(xr, xr2, xs, -rs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, nv, tail)
 #define ROW(c) dw_row(xr, xr2, xs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, c)
         switch (C) {
         case 12: REG(1, 1); break;
@@ -946,7 +948,7 @@ int gate_linear(const float *x, const float *x2, long xs, const float *wt, const
         const int i = bi % H;
         float *buf = bufs + (size_t)omp_get_thread_num() * W * C;
         const float *xr = x + bi * rs, *xr2 = x2 + bi * rs;
-#define REG(nv, tail) dw_row_reg(xr, xr2, xs, rs, i > 0, i < H - 1, wt, wt2, NULL, buf, cols, W, 1, nv, tail)
+#define REG(nv, tail) dw_row_reg(xr, xr2, xs, -rs, rs, i > 0, i < H - 1, wt, wt2, NULL, buf, cols, W, 1, nv, tail)
         switch (C) {
         case 12: REG(1, 1); break;
         case 16: REG(2, 0); break;
@@ -1060,5 +1062,58 @@ int upsample_conv(const float *x, long xs, int B, int H, int W, int C, const flo
             }
     }
     free(bufs);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ the whole GFN */
+/* y = (GELU(dw(h1)) * dw2(h2)) W_out^T + add with [h1 h2] = x W_in^T: ASID's gated
+ * feed-forward on an NHWC map x (d channels at pixel stride xs), row by row. Each thread
+ * takes a band of rows; the 2d-channel rows of the first product are kept in a ring of
+ * three (the row above, this one, the row below), so neither that map nor the gate is ever
+ * written out. winT (d, 2d), woT (d, d), taps wt/wt2 (9, d); add at pixel stride lda; y
+ * (d per pixel). The same arithmetic as linear_small, dwconv3x3 and gate_linear. Returns 0
+ * where d is not 12, 16, 24, 32, 36 or 48. */
+int gfn_rows(const float *x, long xs, int B, int H, int W, int d, const float *winT, const float *wt,
+             const float *wt2, const float *woT, const float *add, long lda, float *y, int threads) {
+    if (!(d == 12 || d == 16 || d == 24 || d == 32 || d == 36 || d == 48)) return 0;
+    const long rows = (long)B * H, rowlen = (long)W * 2 * d;
+    float *mem = malloc(sizeof(float) * (size_t)threads * (3 * rowlen + (long)W * d));
+    long *cols = malloc(sizeof(long) * (size_t)W);
+    if (!mem || !cols) { free(mem); free(cols); return 0; }
+    for (int j = 0; j < W; j++) cols[j] = j;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        float *ring = mem + (size_t)t * (3 * rowlen + (long)W * d), *gate = ring + 3 * rowlen;
+        const long r0 = rows * t / n, r1 = rows * (t + 1) / n;
+        long done = -1; /* the last row of the first product in the ring */
+        for (long bi = r0; bi < r1; bi++) {
+            const int i = bi % H;
+            for (long r = (i > 0 && done < bi - 1) ? bi - 1 : (done < bi ? bi : done + 1);
+                 r <= bi + (i < H - 1); r++) { /* rows this one needs that are not there yet */
+                segs_t sg = {.x = {x + r * W * xs}, .xs = {xs}, .k = {d}, .n = 1};
+                float *slot = ring + (r % 3) * rowlen;
+                for (long m0 = 0; m0 < W; m0 += 8) linear_block_all(&sg, winT, NULL, NULL, 0, slot, W, 2 * d, m0, 0);
+                done = r;
+            }
+            const float *mid = ring + (bi % 3) * rowlen;
+            const long up = ((bi + 2) % 3 - bi % 3) * rowlen, dn = ((bi + 1) % 3 - bi % 3) * rowlen;
+#define REG(nv, tail) dw_row_reg(mid, mid + d, 2 * d, up, dn, i > 0, i < H - 1, wt, wt2, NULL, gate, cols, W, 1, nv, tail)
+            switch (d) {
+            case 12: REG(1, 1); break;
+            case 16: REG(2, 0); break;
+            case 24: REG(3, 0); break;
+            case 32: REG(4, 0); break;
+            case 36: REG(4, 1); break;
+            default: REG(6, 0); break; /* 48 */
+            }
+#undef REG
+            segs_t sg = {.x = {gate}, .xs = {d}, .k = {d}, .n = 1};
+            const float *ar = add ? add + bi * W * lda : NULL;
+            for (long m0 = 0; m0 < W; m0 += 8) linear_block_all(&sg, woT, NULL, ar, lda, y + bi * W * d, W, d, m0, 0);
+        }
+    }
+    free(mem);
+    free(cols);
     return 1;
 }
