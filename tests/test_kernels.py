@@ -176,7 +176,7 @@ def test_the_model_runs_without_them_and_agrees(monkeypatch, tmp_path):
 def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
-    names = ("norm_linear", "gfn_rows", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
+    names = ("norm_linear", "gfn_rows", "qkv_rows", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
              "attention_scores", "linear", "upsample_conv", "channel_attention")
     for name in names:
         real = getattr(kernels, name)
@@ -410,3 +410,29 @@ def test_whole_gfn_row_by_row(d, shape, threads):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got, steps)
+
+
+@pytest.mark.parametrize("d, shape, layout", [(48, (1, 16, 24), "meso"), (48, (2, 16, 32), "grid"),
+                                              (36, (1, 8, 16), "image"), (12, (3, 16, 16), "grid")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channel_attention_inputs_row_by_row(d, shape, layout, threads):
+    """``qkv_rows`` gives exactly what ``norm_linear`` and the split depthwise conv give."""
+    torch.manual_seed(d)
+    b, h, w = shape
+    x = torch.randn(b, h, w, d + 3)[..., 1:d + 1]
+    norm = torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    wq, wd = torch.randn(3 * d, d, 1, 1) * 0.2, torch.randn(3 * d, 1, 3, 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = kernels.qkv_rows(x, norm, wq, wd, layout)
+            steps = kernels.dwconv3x3(kernels.norm_linear(x, norm, "image", wq.flatten(1)), wd,
+                                      layout=layout, split=3)
+            assert kernels.qkv_rows(x, norm, wq, wd, "diagonal") is None
+    finally:
+        torch.set_num_threads(before)
+    assert len(got) == 3 and all(torch.equal(a, s) for a, s in zip(got, steps))

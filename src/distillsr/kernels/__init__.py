@@ -157,6 +157,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.upsample_conv.restype = ctypes.c_int
     lib.gfn_rows.argtypes = [P, L, I, I, I, I, P, P, P, P, P, L, P, I]
     lib.gfn_rows.restype = ctypes.c_int
+    lib.qkv_rows.argtypes = [P, L, I, I, I, I, P, P, F, P, P, P, I, I]
+    lib.qkv_rows.restype = ctypes.c_int
     for f in (lib.layer_norm, lib.add_tokens_norm, lib.dwconv3x3, lib.token_norms, lib.attention_scores,
               lib.nhwc_to_nchw):
         f.restype = None
@@ -306,6 +308,28 @@ def norm_linear(x: torch.Tensor, norm, layout: str, weight: torch.Tensor,
                                 LAYOUTS[layout], wt.data_ptr(), _ptr(bias), y.data_ptr(), n,
                                 torch.get_num_threads())
     return y if ok else None
+
+
+def qkv_rows(x: torch.Tensor, norm, w_qkv: torch.Tensor, w_dw: torch.Tensor, layout: str):
+    """q, k, v of ASID's channel attention from the NHWC map ``x`` (d channels): ``norm`` (a
+    LayerNorm), the 1x1 conv ``w_qkv`` (3d, d), the depthwise 3x3 conv ``w_dw`` (3d, 1, 3, 3)
+    of each third, each returned as tokens in ``layout`` order (as ``dwconv3x3(..., split=3)``
+    of ``norm_linear``), row by row: the 3d-channel map is never written out. None where d or
+    the layout is not compiled."""
+    d = x.shape[-1]
+    if (d not in (12, 16, 24, 32, 36, 48) or layout not in LAYOUTS or w_qkv.flatten(1).shape != (3 * d, d)
+            or w_dw.shape != (3 * d, 1, 3, 3) or not linear_width(3 * d)):
+        return None
+    x, xs = _pixels(x)
+    b, h, w, _ = x.shape
+    wt = w_qkv.detach().reshape(3 * d, d).t().contiguous().float()
+    taps = w_dw.detach().float().reshape(3, d, 9).transpose(1, 2).contiguous()  # (3, 9, d)
+    gamma, beta = _f32(norm.weight), _f32(norm.bias)
+    y = empty((3,) + tuple(_tokens_shape((b, h, w, d), layout)), x.dtype)
+    ok = _kernels().qkv_rows(x.data_ptr(), xs, b, h, w, d, gamma.data_ptr(), beta.data_ptr(), norm.eps,
+                             wt.data_ptr(), taps.data_ptr(), y.data_ptr(), LAYOUTS[layout],
+                             torch.get_num_threads())
+    return list(y.unbind(0)) if ok else None
 
 
 def gfn_rows(x: torch.Tensor, w_in: torch.Tensor, w_dw: torch.Tensor, w_out: torch.Tensor,

@@ -83,6 +83,10 @@ def normed_product(x: torch.Tensor, norm: nn.Module, layout: str, weight: torch.
 def qkv_tokens(m: paper.ChannelAttention, x: torch.Tensor, norm: nn.Module):
     """q, k, v (1x1 conv, depthwise 3x3) of the NHWC map ``norm(x)``, each (groups, pixels,
     C). (A function of its own, so that the 3C-channel product is freed when it returns.)"""
+    if ops.c_kernels(x):  # row by row: the 3C-channel map never written out
+        parts = kernels.qkv_rows(x, norm, m.qkv.weight, m.qkv_dwconv.weight, m.layout)
+        if parts is not None:
+            return parts
     if ops.c_kernels(x):  # the dwconvs write tokens directly
         h = normed_product(x, norm, "image", m.qkv.weight)
         return kernels.dwconv3x3(h, m.qkv_dwconv.weight, layout=m.layout, split=3)

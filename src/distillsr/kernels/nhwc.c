@@ -1117,3 +1117,64 @@ int gfn_rows(const float *x, long xs, int B, int H, int W, int d, const float *w
     free(cols);
     return 1;
 }
+
+/* ------------------------------------------------------------------ a CAM's q, k, v */
+/* q, k, v of the channel attention: LayerNorm of the NHWC map x (d channels at pixel stride
+ * xs), the product with W_qkv (wT: d x 3d), then the depthwise 3x3 conv of each third (taps
+ * 3 x (9, d)), written as tokens in `layout` order, the three parts one after the other in y.
+ * Row by row, as gfn_rows: the 3d-channel rows of the product are kept in a ring of three
+ * per thread and never written out. The same arithmetic as norm_linear and dwconv3x3.
+ * Returns 0 where d is not 12, 16, 24, 32, 36 or 48, or 3d not a width of linear_small. */
+int qkv_rows(const float *x, long xs, int B, int H, int W, int d, const float *g, const float *be, float eps,
+             const float *wT, const float *taps, float *y, int layout, int threads) {
+    if (!(d == 12 || d == 16 || d == 24 || d == 32 || d == 36 || d == 48)) return 0;
+    if ((3 * d) % 12 && 3 * d != 16 && 3 * d != 32) return 0;
+    const long rows = (long)B * H, rowlen = (long)W * 3 * d, part = rows * W * d;
+    float *mem = malloc(sizeof(float) * (size_t)threads * 3 * rowlen);
+    long *cols = malloc(sizeof(long) * (size_t)W);
+    if (!mem || !cols) { free(mem); free(cols); return 0; }
+    for (int j = 0; j < W; j++) cols[j] = col_part(layout, j, H, W);
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        float *ring = mem + (size_t)t * 3 * rowlen;
+        const long r0 = rows * t / n, r1 = rows * (t + 1) / n;
+        long done = -1;
+        for (long bi = r0; bi < r1; bi++) {
+            const int i = bi % H;
+            for (long r = (i > 0 && done < bi - 1) ? bi - 1 : (done < bi ? bi : done + 1);
+                 r <= bi + (i < H - 1); r++) {
+                float *slot = ring + (r % 3) * rowlen;
+                for (long m0 = 0; m0 < W; m0 += 8) {
+                    float buf[8 * MAX_C] __attribute__((aligned(64)));
+                    const int nr = W - m0 < 8 ? (int)(W - m0) : 8;
+#define NORM(c) norm_tokens8(x, xs, buf, r * W + m0, nr, c, g, be, eps, 0, H, W)
+                    BY_CHANNELS(d, NORM)
+#undef NORM
+                    segs_t sg = {.x = {buf}, .xs = {d}, .k = {d}, .n = 1};
+                    linear_block_all(&sg, wT, NULL, NULL, 0, slot + m0 * 3 * d, nr, 3 * d, 0, 0);
+                }
+                done = r;
+            }
+            const float *mid = ring + (bi % 3) * rowlen;
+            const long up = ((bi + 2) % 3 - bi % 3) * rowlen, dn = ((bi + 1) % 3 - bi % 3) * rowlen;
+            for (int sp = 0; sp < 3; sp++) {
+                const float *xr = mid + sp * d, *wts = taps + sp * 9 * d;
+                float *yr = y + sp * part + row_part(layout, bi / H, i, H, W) * d;
+#define REG(nv, tail) dw_row_reg(xr, NULL, 3 * d, up, dn, i > 0, i < H - 1, wts, NULL, NULL, yr, cols, W, 0, nv, tail)
+                switch (d) {
+                case 12: REG(1, 1); break;
+                case 16: REG(2, 0); break;
+                case 24: REG(3, 0); break;
+                case 32: REG(4, 0); break;
+                case 36: REG(4, 1); break;
+                default: REG(6, 0); break; /* 48 */
+                }
+#undef REG
+            }
+        }
+    }
+    free(mem);
+    free(cols);
+    return 1;
+}
