@@ -13,7 +13,8 @@ rate; the input may be up to four maps side by side, a concatenation never writt
 a LayerNorm taken by the product after it in window/grid token order (``norm_linear``),
 LayerNorm alone, the residual add back from tokens fused with the next LayerNorm, depthwise
 3x3 convs with GELU or the GFN's gate (and the channel means SE needs; q, k, v in one pass),
-the GFN's gate and output product row by row (``gate_linear``), the attention output ``A v``
+the whole GFN row by row (``gfn_rows``; ``gate_linear`` its last two steps), a CAM's
+LayerNorm, qkv product and q, k, v convs row by row (``qkv_rows``), the attention output ``A v``
 added into the map and normalised, a computing unit's scores, bias and softmax in one pass,
 the CAM's channel attention group by group in cache (``channel_attention``), and a tiled
 NHWC -> NCHW copy, all writing into the workspace of the prepared model

@@ -13,9 +13,12 @@ Merges and fusions, by form:
   folded into the output projection (``W_o W_v``, done once, so that ``A (t W_v^T)
   W_o^T = A (t (W_o W_v)^T)``: one product instead of two); a computing unit's scores,
   bias and softmax in one pass; ``A v`` added into the map and the next LayerNorm taken
-  in the same pass; the GFN's residual add fused into its last product.
-* ``CAM``: the LayerNorm taken by the qkv product; q, k, v written as tokens by one
-  depthwise pass; each group's norms, Gram
+  in the same pass.
+* ``GFN`` (in both): row by row (``kernels.gfn_rows``): ``project_in``'s rows kept in a ring
+  of three, the gate and ``project_out`` with the residual add taken while they are in
+  cache; neither the 2d-channel map nor the gate is written out.
+* ``CAM``: LayerNorm, qkv product and the q, k, v depthwise convs row by row in the same
+  way, written as tokens (``kernels.qkv_rows``); each group's norms, Gram
   matrix, softmax, ``project_out`` folded into its small C x C attention matrix
   (``(W_o A)^T``, fewer products than ``W_o`` on every pixel) and output in one C kernel
   pass, in cache (``kernels.channel_attention``); the residual add from tokens fused with
