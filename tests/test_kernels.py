@@ -177,7 +177,7 @@ def test_one_switch_turns_every_fused_kernel_off(monkeypatch):
     from distillsr.kernels import ops
     calls = []
     names = ("norm_linear", "gfn_rows", "qkv_rows", "add_tokens_norm", "dwconv3x3", "attend_add_norm",
-             "attention_scores", "linear", "upsample_conv", "channel_attention")
+             "attention_scores", "linear", "upsample_conv", "channel_attention", "conv3x3")
     for name in names:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
@@ -436,3 +436,22 @@ def test_channel_attention_inputs_row_by_row(d, shape, layout, threads):
     finally:
         torch.set_num_threads(before)
     assert len(got) == 3 and all(torch.equal(a, s) for a, s in zip(got, steps))
+
+
+@pytest.mark.parametrize("c, n, shape", [(3, 48, (1, 9, 21)), (48, 48, (2, 5, 8)), (16, 12, (1, 1, 3))])
+def test_3x3_conv_as_a_product_over_its_taps(c, n, shape):
+    """``conv3x3`` is the conv (padding 1, bias) of an NHWC map, no further from the exact sum
+    than PyTorch's."""
+    torch.manual_seed(c + n)
+    b, h, w = shape
+    conv = torch.nn.Conv2d(c, n, 3, padding=1)
+    x = torch.randn(b, c, h, w).permute(0, 2, 3, 1)  # NHWC view of an NCHW tensor
+    with torch.inference_mode():
+        got = kernels.conv3x3(x, conv)
+        ref = conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+        exact = F.conv2d(x.permute(0, 3, 1, 2).double(), conv.weight.double(), conv.bias.double(),
+                         padding=1).permute(0, 2, 3, 1)
+        assert kernels.conv3x3(x, torch.nn.Conv2d(c, n, 3, padding=1, stride=2)) is None
+    assert got.shape == (b, h, w, n)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+    assert (got.double() - exact).abs().max() <= max((ref.double() - exact).abs().max() * 1.5, 1e-7)

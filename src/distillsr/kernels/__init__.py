@@ -156,6 +156,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.norm_linear.restype = ctypes.c_int
     lib.upsample_conv.argtypes = [P, L, I, I, I, I, P, P, I, I, P, I, I, I]
     lib.upsample_conv.restype = ctypes.c_int
+    lib.conv3x3.argtypes = [P, L, I, I, I, I, P, P, I, P, I]
+    lib.conv3x3.restype = ctypes.c_int
     lib.gfn_rows.argtypes = [P, L, I, I, I, I, P, P, P, P, P, L, P, I]
     lib.gfn_rows.restype = ctypes.c_int
     lib.qkv_rows.argtypes = [P, L, I, I, I, I, P, P, F, P, P, P, I, I]
@@ -175,9 +177,10 @@ def built() -> bool:
 
 def available(x: torch.Tensor) -> bool:
     """True where the kernels apply to ``x``: ``enabled``, CPU float32 inference (no
-    autograd, tracing or compiling), and the kernels compiled."""
+    autograd, autocast, tracing or compiling), and the kernels compiled."""
     return (enabled and type(x) is torch.Tensor and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast's ops make bf16 maps
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
             and _load() is not None)
 
@@ -387,25 +390,59 @@ def gate_linear(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor, weight2
     return y if ok else None
 
 
-def upsample_conv(x: torch.Tensor, conv, scale: int, out_h: int, out_w: int) -> Optional[torch.Tensor]:
-    """``pixel_shuffle(conv(x), scale)`` cropped to ``out_h`` x ``out_w``, from the NHWC map
-    ``x`` (B, H, W, C) into a new NCHW image (B, 3, out_h, out_w): ``conv`` the network's last
-    3x3 conv (padding 1, C -> 3 scale^2, with bias), computed as one product over the nine
-    taps per pixel. None where it does not apply (the caller runs the conv)."""
-    b, h, w, c = x.shape
-    n = 3 * scale * scale
-    if (x.dtype != torch.float32 or conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.groups != 1
-            or conv.weight.shape != (n, c, 3, 3) or c > 64 or out_h > h * scale or out_w > w * scale):
+_WIDTHS = (12, 16, 24, 32, 36, 48, 60, 72, 84, 96, 108, 120, 132, 144)
+
+
+def _conv3x3_product(conv, c: int, n: int):
+    """(weights (9 C, Np) tap-major, bias (Np,), Np) of a 3x3 conv of C -> n channels as a
+    product over its nine taps, n padded to a width the C kernel computes (zero columns);
+    None where the conv is not one (padding 1, stride 1, ungrouped) or n is too wide."""
+    if (conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1)
+            or conv.groups != 1 or conv.weight.shape != (n, c, 3, 3) or c > 64):
         return None
-    n_pad = next(v for v in (12, 16, 24, 32, 36, 48, 60, 72, 84, 96, 108, 120, 132, 144) if v >= n) if n <= 144 else None
+    n_pad = next((v for v in _WIDTHS if v >= n), None)
     if n_pad is None:
         return None
-    x, xs = _pixels(x)
     wt = torch.zeros(9 * c, n_pad)
     wt[:, :n] = conv.weight.detach().float().permute(2, 3, 1, 0).reshape(9 * c, n)  # (tap, c) x out
     bias = torch.zeros(n_pad)
     if conv.bias is not None:
         bias[:n] = conv.bias.detach().float()
+    return wt, bias, n_pad
+
+
+def conv3x3(x: torch.Tensor, conv) -> Optional[torch.Tensor]:
+    """``conv`` (3x3, padding 1) of the NHWC map ``x`` as one product over the nine taps of each
+    pixel, each tap summed on its own and then the nine sums; NHWC out, in the workspace. None
+    where it does not apply (the caller runs the conv)."""
+    b, h, w, c = x.shape
+    n = conv.out_channels
+    prod = _conv3x3_product(conv, c, n) if x.dtype == torch.float32 else None
+    if prod is None:
+        return None
+    wt, bias, n_pad = prod
+    x, xs = _pixels(x)
+    y = empty((b, h, w, n_pad), x.dtype)
+    ok = _kernels().conv3x3(x.data_ptr(), xs, b, h, w, c, wt.data_ptr(), bias.data_ptr(), n_pad, y.data_ptr(),
+                            torch.get_num_threads())
+    if not ok:
+        return None
+    return y if n_pad == n else y[..., :n]
+
+
+def upsample_conv(x: torch.Tensor, conv, scale: int, out_h: int, out_w: int) -> Optional[torch.Tensor]:
+    """``pixel_shuffle(conv(x), scale)`` cropped to ``out_h`` x ``out_w``, from the NHWC map
+    ``x`` (B, H, W, C) into a new NCHW image (B, 3, out_h, out_w): ``conv`` the network's last
+    3x3 conv (padding 1, C -> 3 scale^2, with bias), computed as one product over the nine
+    taps per pixel (as ``conv3x3``). None where it does not apply (the caller runs the conv)."""
+    b, h, w, c = x.shape
+    prod = None
+    if x.dtype == torch.float32 and out_h <= h * scale and out_w <= w * scale:
+        prod = _conv3x3_product(conv, c, 3 * scale * scale)
+    if prod is None:
+        return None
+    wt, bias, n_pad = prod
+    x, xs = _pixels(x)
     y = torch.empty((b, 3, out_h, out_w), dtype=x.dtype)  # the caller's: not a workspace buffer
     ok = _kernels().upsample_conv(x.data_ptr(), xs, b, h, w, c, wt.data_ptr(), bias.data_ptr(), n_pad, scale,
                                   y.data_ptr(), out_h, out_w, torch.get_num_threads())
@@ -524,6 +561,8 @@ def linear(x, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
     b = _f32(bias)
     a = None
     if add is not None:
+        if add.dtype != torch.float32:
+            return None
         a = add.reshape(m, n)
         if a.stride(-1) != 1:
             a = a.contiguous()

@@ -282,7 +282,9 @@ class FusedASID(FusedForm, paper.ASID):
 
     def deep_features_nhwc(self, x: torch.Tensor):
         """``features(x)`` with the features left NHWC (a workspace buffer)."""
-        f0 = paper._nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))
+        f0 = kernels.conv3x3(x.permute(0, 2, 3, 1), self.head) if ops.c_kernels(x) else None
+        if f0 is None:  # (the C kernel writes F_0 into the workspace: oneDNN's output is fresh
+            f0 = paper._nhwc(self.head(x.contiguous(memory_format=torch.channels_last)))  # memory)
         y, first = self.body(f0)
         return ops.conv_add_(self.fuse, y, f0), first  # F_0 + fuse(F_N) in F_0's memory
 

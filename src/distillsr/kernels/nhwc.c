@@ -1001,20 +1001,62 @@ int norm_linear(const float *x, long xs, int B, int H, int W, int K, const float
     return 1;
 }
 
-/* ------------------------------------------------------------------ upsampler */
+/* ------------------------------------------------------------------ 3x3 convs as products */
+#define UP_MAX_C 64
+/* one row (b, i) of a 3x3 conv (padding 1) of an NHWC map as a product with 9 C inputs per
+ * pixel into yrow (W x Np): each 8-pixel block reads its nine taps where they are (a zero
+ * row outside the map, a zero-padded copy at the left and right edges), each tap's C
+ * products summed on their own and then the nine sums */
+static void conv3x3_row(const float *x, long xs, long bi, int i, int H, int W, int C, const float *wt,
+                        const float *bias, int Np, float *yrow) {
+    static const float zeros[UP_MAX_C];
+    float edge[3 * 10 * UP_MAX_C]; /* rows i-1..i+1, pixels j0-1..j0+8, zero outside */
+    for (int j0 = 0; j0 < W; j0 += 8) {
+        const int n = W - j0 < 8 ? W - j0 : 8;
+        const int inner = j0 > 0 && j0 + n < W;
+        if (!inner) {
+            memset(edge, 0, sizeof(float) * 3 * 10 * C);
+            for (int di = -1; di <= 1; di++) {
+                if (i + di < 0 || i + di >= H) continue;
+                for (int u = 0; u < n + 2; u++) {
+                    const int j = j0 - 1 + u;
+                    if (j < 0 || j >= W) continue;
+                    memcpy(edge + ((di + 1) * 10 + u) * C, x + ((bi + di) * W + j) * xs, sizeof(float) * C);
+                }
+            }
+        }
+        segs_t sg = {.n = 9, .split_sums = 1};
+        for (int t = 0; t < 9; t++) {
+            const int di = t / 3 - 1, dj = t % 3 - 1;
+            sg.k[t] = C;
+            if (i + di < 0 || i + di >= H) { sg.x[t] = zeros; sg.xs[t] = 0; }
+            else if (inner) { sg.x[t] = x + ((bi + di) * W + j0 + dj) * xs; sg.xs[t] = xs; }
+            else { sg.x[t] = edge + ((di + 1) * 10 + dj + 1) * C; sg.xs[t] = C; }
+        }
+        linear_block_all(&sg, wt, bias, NULL, 0, yrow + (long)j0 * Np, n, Np, 0, 0);
+    }
+}
+
+/* y (B, H, W, Np) = the 3x3 conv (padding 1, with bias) of the NHWC map x (C channels at pixel
+ * stride xs); wt (9 C, Np) tap-major. Returns 0 where Np is not a width of linear_small. */
+int conv3x3(const float *x, long xs, int B, int H, int W, int C, const float *wt, const float *bias, int Np,
+            float *y, int threads) {
+    if (Np != 16 && Np != 32 && Np % 12) return 0;
+    if (C > UP_MAX_C) return 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long bi = 0; bi < (long)B * H; bi++)
+        conv3x3_row(x, xs, bi, bi % H, H, W, C, wt, bias, Np, y + bi * W * Np);
+    return 1;
+}
+
 /* The last conv (3x3, padding 1, C -> N = 3 s^2, with bias) of an NHWC map x (B, H, W, C at
  * pixel stride xs) and the pixel shuffle, written straight into the NCHW image out
- * (B, 3, Ho, Wo), cropped to Ho <= s H, Wo <= s W. As a product with 9 C inputs per pixel:
- * each 8-pixel block reads its nine taps where they are (a zero row outside the map, a
- * zero-padded copy at the left and right edges), each tap's C products summed on their own
- * and then the nine sums (closer to the exact sum than one running sum of 9 C products);
- * wt (9 C, Np) tap-major, Np >= N a width of linear_small (zero columns beyond N). */
-#define UP_MAX_C 64
+ * (B, 3, Ho, Wo), cropped to Ho <= s H, Wo <= s W; conv3x3_row computes each row; wt (9 C,
+ * Np) tap-major, Np >= N a width of linear_small (zero columns beyond N). */
 int upsample_conv(const float *x, long xs, int B, int H, int W, int C, const float *wt, const float *bias,
                   int Np, int s, float *out, int Ho, int Wo, int threads) {
     if (Np != 16 && Np != 32 && Np % 12) return 0;
     if (C > UP_MAX_C || 3 * s * s > Np) return 0;
-    static const float zeros[UP_MAX_C];
     float *bufs = malloc(sizeof(float) * (size_t)threads * W * Np);
     if (!bufs) return 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -1022,31 +1064,7 @@ int upsample_conv(const float *x, long xs, int B, int H, int W, int C, const flo
         const long b = bi / H;
         const int i = bi % H;
         float *yrow = bufs + (size_t)omp_get_thread_num() * W * Np;
-        float edge[3 * 10 * UP_MAX_C]; /* rows i-1..i+1, pixels j0-1..j0+8, zero outside */
-        for (int j0 = 0; j0 < W; j0 += 8) {
-            const int n = W - j0 < 8 ? W - j0 : 8;
-            const int inner = j0 > 0 && j0 + n < W;
-            if (!inner) {
-                memset(edge, 0, sizeof(float) * 3 * 10 * C);
-                for (int di = -1; di <= 1; di++) {
-                    if (i + di < 0 || i + di >= H) continue;
-                    for (int u = 0; u < n + 2; u++) {
-                        const int j = j0 - 1 + u;
-                        if (j < 0 || j >= W) continue;
-                        memcpy(edge + ((di + 1) * 10 + u) * C, x + ((bi + di) * W + j) * xs, sizeof(float) * C);
-                    }
-                }
-            }
-            segs_t sg = {.n = 9, .split_sums = 1};
-            for (int t = 0; t < 9; t++) {
-                const int di = t / 3 - 1, dj = t % 3 - 1;
-                sg.k[t] = C;
-                if (i + di < 0 || i + di >= H) { sg.x[t] = zeros; sg.xs[t] = 0; }
-                else if (inner) { sg.x[t] = x + ((bi + di) * W + j0 + dj) * xs; sg.xs[t] = xs; }
-                else { sg.x[t] = edge + ((di + 1) * 10 + dj + 1) * C; sg.xs[t] = C; }
-            }
-            linear_block_all(&sg, wt, bias, NULL, 0, yrow + (long)j0 * Np, n, Np, 0, 0);
-        }
+        conv3x3_row(x, xs, bi, i, H, W, C, wt, bias, Np, yrow);
         /* pixel shuffle: output o = (ch s + a) s + b' of LR pixel (i, j) -> (ch, i s + a, j s + b') */
         for (int ch = 0; ch < 3; ch++)
             for (int a = 0; a < s; a++) {
