@@ -390,6 +390,9 @@ def test_the_last_block_kept_float_is_cut_to_its_leading_nodes(tmp_path, monkeyp
     assert report.partial_float["float_nodes"] == ["b0", "b1"]
     assert report.drop_db == pytest.approx(0.2)
     assert sorted(_int8_convs(onnx.load(out))) == ["b2", "b3", "head_conv", "tail_conv"]
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(meta["distillsr.quantization"])["partial_float"] == {"unit": "body", "nodes": 2, "of": 4}
+    assert "of body only its first 2 of 4 nodes" in Q.format_report(report)
     # a cost the whole block just meets: nothing to cut
     whole = Q.quantize(src, tmp_path / "w.onnx", calib_dir=tmp_path / "photos", calib_count=4, calib_size=16,
                        check_count=2, granularity="block", max_drop=0.05)

@@ -19,7 +19,10 @@ written:
 * the units are then kept float until the whole quantised network loses at most ``max_drop``
   dB on the held-out patches, in the order of the most PSNR saved per share of run time that
   turns float (the unit's multiply-adds and those of the weighted nodes it reads, plus
-  :data:`ISLAND_SHARE`), as few as a bisection over their number finds.
+  :data:`ISLAND_SHARE`), as few as a bisection over their number finds;
+* when the last unit kept float has several nodes (a block), only the shortest leading run of
+  its nodes (graph order) that keeps the cost within ``max_drop`` stays float
+  (:func:`_refine_last_unit`; ``QuantizeReport.partial_float``).
 
 Nodes that stay float read the unquantised tensors (:func:`float_inputs_unquantised`): a
 float residual Add beside int8 convolutions adds the features as computed, not their uint8
@@ -460,6 +463,8 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir:
         _set_metadata(tmp / "q.onnx", {"distillsr.quantization": json.dumps(
             {"method": method, "format": "QDQ" if method == "static" else "dynamic",
              "weights": "int8 per-channel", "kept_float": report.kept_float,
+             "partial_float": ({k: report.partial_float[k] for k in ("unit", "nodes", "of")}
+                               if report.partial_float else None),
              "forced_float": len(forced), "drop_db_on_check_patches": report.drop_db})})
         report.qdq_nodes = _count_qdq(tmp / "q.onnx")
         data = (tmp / "q.onnx").read_bytes()
@@ -630,7 +635,10 @@ def format_report(report: QuantizeReport, top: int = 15) -> str:
         if len(report.units) > top:
             lines.append(f"  ... {len(report.units) - top} more in the JSON report")
     lines.append(f"{report.method}: {len(report.forced_float)} LayerNorm/Softmax node(s) float, "
-                 f"{len(report.kept_float)} sensitive unit(s) float, {report.qdq_nodes} Q/DQ nodes")
+                 f"{len(report.kept_float)} sensitive unit(s) float"
+                 + (f" (of {report.partial_float['unit']} only its first {report.partial_float['nodes']} of "
+                    f"{report.partial_float['of']} nodes)" if report.partial_float else "")
+                 + f", {report.qdq_nodes} Q/DQ nodes")
     if report.drop_db is not None:
         lines.append(f"held-out patches: {report.float_psnr:.3f} dB float -> {report.quantized_psnr:.3f} dB int8 "
                      f"({-report.drop_db:+.3f} dB; allowed {report.max_drop_db} dB)")
