@@ -5,7 +5,7 @@
 
 For each network (x4): the fp32 ONNX export, its static int8 quantisation (the defaults of
 ``distillsr quantize``: QDQ, per-channel weights, 32 calibration patches of the training photos,
-sensitive layers kept float), then
+sensitive units kept float), then
 
 * PSNR (Y, border 4) on the benchmark sets of: our torch fast path
   (``distillsr.kernels.prepare_for_inference``), the fp32 export in onnxruntime, the int8 file

@@ -315,3 +315,94 @@ def test_dynamic_quantisation_needs_no_photos(tmp_path, capsys):
     assert m.scale == 2 and tuple(m(torch.rand(1, 3, 9, 11)).shape) == (1, 3, 18, 22)
     proto = onnx.load(out)
     assert any(n.op_type in ("ConvInteger", "DynamicQuantizeLinear") for n in proto.graph.node)
+
+
+# ----------------------------------------------------------------------------- nested modules
+
+def _nested_graph(path: Path) -> Path:
+    """head conv -> a block of four 1x1 convs (modules body.c0 .. body.c3) -> tail conv ->
+    DepthToSpace: the layers nest inside a block, as in the networks' exports."""
+    rng = np.random.default_rng(2)
+    c = 4
+
+    def scoped(node, scopes):
+        e = node.metadata_props.add()
+        e.key, e.value = "pkg.torch.onnx.name_scopes", repr(scopes)
+        return node
+
+    nodes = [scoped(helper.make_node("Conv", ["input", "wh", "bh"], ["h"], "head_conv", pads=[1, 1, 1, 1]),
+                    ["", "head", "conv"])]
+    inits = [numpy_helper.from_array((rng.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32), "wh"),
+             numpy_helper.from_array(np.zeros(c, np.float32), "bh")]
+    x = "h"
+    for i in range(4):
+        nodes.append(scoped(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"f{i}"], f"b{i}"),
+                            ["", "body", f"body.c{i}", "conv"]))
+        inits += [numpy_helper.from_array((np.eye(c) + rng.standard_normal((c, c)) * 0.1)
+                                          .astype(np.float32)[:, :, None, None], f"w{i}"),
+                  numpy_helper.from_array(np.zeros(c, np.float32), f"b{i}")]
+        x = f"f{i}"
+    nodes += [scoped(helper.make_node("Conv", [x, "wt", "bt"], ["t"], "tail_conv", pads=[1, 1, 1, 1]),
+                     ["", "tail", "conv"]),
+              helper.make_node("DepthToSpace", ["t"], ["output"], "shuffle", blocksize=1, mode="CRD")]
+    inits += [numpy_helper.from_array((rng.standard_normal((3, c, 3, 3)) * 0.3).astype(np.float32), "wt"),
+              numpy_helper.from_array(np.zeros(3, np.float32), "bt")]
+    graph = helper.make_graph(nodes, "nested", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 3, None, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    for k, v in (("distillsr.scale", "1"), ("distillsr.arch", "nested")):
+        e = model.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.save(model, path)
+    return path
+
+
+def _int8_convs(proto):
+    """Names of the convolutions whose weights are int8 (behind a DequantizeLinear)."""
+    made_by = _producers(proto)
+    return [n.name for n in proto.graph.node
+            if n.op_type == "Conv" and n.input[1] in made_by and made_by[n.input[1]].op_type == "DequantizeLinear"]
+
+
+def test_auto_takes_blocks_when_modules_nest(tmp_path):
+    nested = onnx.load(_nested_graph(tmp_path / "nested.onnx"))
+    assert Q.graph_units(nested, "block")["body"] == ["b0", "b1", "b2", "b3"]
+    assert Q.auto_granularity(nested) == "block"
+    # no nesting: every block is a layer, layers are the finer choice
+    assert Q.auto_granularity(onnx.load(_small_graph(tmp_path / "tiny.onnx"))) == "layer"
+
+
+def test_the_last_block_kept_float_is_cut_to_its_leading_nodes(tmp_path, monkeypatch):
+    src = _nested_graph(tmp_path / "nested.onnx")
+
+    # a stand-in score: each int8 convolution of the block costs 0.1 dB, head and tail nothing
+    def psnr(self, path):
+        return 40.0 - 0.1 * sum(name.startswith("b") for name in _int8_convs(onnx.load(str(path))))
+
+    monkeypatch.setattr(Q._Checker, "psnr", psnr)
+    out = tmp_path / "q.onnx"
+    report = Q.quantize(src, out, calib_dir=_photos(tmp_path / "photos"), calib_count=4, calib_size=16,
+                        check_count=2, granularity="block", max_drop=0.25)
+    # the block alone costs 0.4 dB: it is kept float, then only as many of its leading
+    # convolutions as bring the cost within 0.25 dB (two: 0.2 dB)
+    assert report.kept_float == ["body"]
+    assert report.partial_float["unit"] == "body" and report.partial_float["nodes"] == 2
+    assert report.partial_float["float_nodes"] == ["b0", "b1"]
+    assert report.drop_db == pytest.approx(0.2)
+    assert sorted(_int8_convs(onnx.load(out))) == ["b2", "b3", "head_conv", "tail_conv"]
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(meta["distillsr.quantization"])["partial_float"] == {"unit": "body", "nodes": 2, "of": 4}
+    assert "of body only its first 2 of 4 nodes" in Q.format_report(report)
+    # a cost the whole block just meets: nothing to cut
+    whole = Q.quantize(src, tmp_path / "w.onnx", calib_dir=tmp_path / "photos", calib_count=4, calib_size=16,
+                       check_count=2, granularity="block", max_drop=0.05)
+    assert whole.kept_float == ["body"] and whole.partial_float is None and whole.drop_db == 0.0
+
+
+def test_int8_files_run_with_pooled_memory(tmp_path):
+    from distillsr.engine.onnx_backend import OnnxModel
+    src = _small_graph(tmp_path / "tiny.onnx")
+    out = tmp_path / "q.onnx"
+    Q.quantize(src, out, calib_dir=_photos(tmp_path / "photos"), calib_count=4, calib_size=16, granularity="off")
+    assert OnnxModel(out).pooled_memory is True
+    assert OnnxModel(src).pooled_memory is False

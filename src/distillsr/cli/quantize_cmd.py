@@ -36,8 +36,8 @@ def register(sub) -> None:
                    help="held-out patches the sensitivity is scored on (default 16)")
     p.add_argument("--sensitivity", choices=("auto",) + GRANULARITIES, default="auto",
                    help="sensitivity unit: layer (each module's own nodes), block (top-level modules), "
-                        "off (quantise all but LayerNorm/Softmax), auto (layer up to 120 units, else "
-                        "block; the default)")
+                        "then the last block kept float cut to its leading nodes; off (quantise all but "
+                        "LayerNorm/Softmax); auto (block when modules nest, else layer; the default)")
     p.add_argument("--max-drop", type=float, default=0.15, metavar="DB",
                    help="PSNR cost allowed on the held-out patches (default 0.15 dB; these detailed "
                         "crops lose more than the benchmark sets: 0.13 dB there was 0.09 dB on Set5 "

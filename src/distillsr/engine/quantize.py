@@ -19,7 +19,10 @@ written:
 * the units are then kept float until the whole quantised network loses at most ``max_drop``
   dB on the held-out patches, in the order of the most PSNR saved per share of run time that
   turns float (the unit's multiply-adds and those of the weighted nodes it reads, plus
-  :data:`ISLAND_SHARE`), as few as a bisection over their number finds.
+  :data:`ISLAND_SHARE`), as few as a bisection over their number finds;
+* when the last unit kept float has several nodes (a block), only the shortest leading run of
+  its nodes (graph order) that keeps the cost within ``max_drop`` stays float
+  (:func:`_refine_last_unit`; ``QuantizeReport.partial_float``).
 
 Nodes that stay float read the unquantised tensors (:func:`float_inputs_unquantised`): a
 float residual Add beside int8 convolutions adds the features as computed, not their uint8
@@ -48,7 +51,7 @@ import numpy as np
 
 __all__ = ["QuantizeError", "QuantizeReport", "UnitSensitivity", "quantize", "calibration_patches",
            "graph_units", "float_nodes", "onnx_scale", "is_quantized", "format_report", "METHODS",
-           "GRANULARITIES", "FLOAT_OP_TYPES", "QUANT_OP_TYPES", "AUTO_LAYER_UNITS", "auto_granularity",
+           "GRANULARITIES", "FLOAT_OP_TYPES", "QUANT_OP_TYPES", "auto_granularity",
            "float_inputs_unquantised", "ISLAND_SHARE"]
 
 PathLike = Union[str, os.PathLike]
@@ -56,8 +59,6 @@ Log = Callable[[str], None]
 
 METHODS = ("static", "dynamic")
 GRANULARITIES = ("layer", "block", "off")
-# --sensitivity auto: layers up to this many layer units, blocks above
-AUTO_LAYER_UNITS = 120
 # op types that stay float whatever the sensitivity says
 FLOAT_OP_TYPES = ("LayerNormalization", "Softmax")
 # module classes whose every node stays float (a LayerNorm written as mean / var / sqrt)
@@ -104,6 +105,8 @@ class QuantizeReport:
     kept_float: List[str] = field(default_factory=list)
     units: List[UnitSensitivity] = field(default_factory=list)
     search: List[Dict[str, float]] = field(default_factory=list)
+    # the last unit of kept_float when only its first nodes (graph order) stay float
+    partial_float: Optional[Dict[str, object]] = None
     qdq_nodes: int = 0
     seconds: float = 0.0
 
@@ -188,8 +191,11 @@ def graph_units(proto, granularity: str = "layer") -> Dict[str, List[str]]:
 
 
 def auto_granularity(proto) -> str:
-    """``layer`` when the graph has at most :data:`AUTO_LAYER_UNITS` layer units, else ``block``."""
-    return "layer" if len(graph_units(proto, "layer")) <= AUTO_LAYER_UNITS else "block"
+    """``block`` when the graph's modules nest (fewer block units than layer units), else
+    ``layer``. Blocks make the float part a few contiguous regions (few quantise / dequantise
+    boundaries, which cost more than the float multiply-adds they spare); the last block the
+    search keeps float is then cut down to a leading run of its nodes."""
+    return "block" if len(graph_units(proto, "block")) < len(graph_units(proto, "layer")) else "layer"
 
 
 def _op_summary(proto, names: Sequence[str]) -> str:
@@ -457,6 +463,8 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "static", calib_dir:
         _set_metadata(tmp / "q.onnx", {"distillsr.quantization": json.dumps(
             {"method": method, "format": "QDQ" if method == "static" else "dynamic",
              "weights": "int8 per-channel", "kept_float": report.kept_float,
+             "partial_float": ({k: report.partial_float[k] for k in ("unit", "nodes", "of")}
+                               if report.partial_float else None),
              "forced_float": len(forced), "drop_db_on_check_patches": report.drop_db})})
         report.qdq_nodes = _count_qdq(tmp / "q.onnx")
         data = (tmp / "q.onnx").read_bytes()
@@ -523,9 +531,42 @@ def _choose_float_units(src, proto, tmp: Path, cache: Path, report: QuantizeRepo
         kept, hi = [], 0
     report.kept_float = kept
     report.search = [{"float_units": k, "drop_db": round(v, 4)} for k, v in sorted(trials.items())]
-    report.drop_db = round(trials[hi], 4)
-    report.quantized_psnr = round(report.float_psnr - trials[hi], 4)
-    log(f"  chosen: {len(kept)} unit(s) float, {trials[hi]:+.4f} dB on the held-out patches")
+    drop = trials[hi]
+    if kept and len(units[kept[-1]]) > 1:
+        drop = _refine_last_unit(src, proto, tmp, cache, report, units, kept, forced, checker, drop, log)
+    report.drop_db = round(drop, 4)
+    report.quantized_psnr = round(report.float_psnr - drop, 4)
+    log(f"  chosen: {len(kept)} unit(s) float"
+        + (f" ({report.partial_float['nodes']} of the last one's {len(units[kept[-1]])} nodes)"
+           if report.partial_float else "") + f", {drop:+.4f} dB on the held-out patches")
+
+
+def _refine_last_unit(src, proto, tmp: Path, cache: Path, report: QuantizeReport, units: Dict[str, List[str]],
+                      kept: List[str], forced: List[str], checker: "_Checker", drop: float, log: Log) -> float:
+    """The last unit the bisection kept float (the one that brought the cost within
+    ``max_drop``) is cut down to the shortest leading run of its nodes, in graph order, that
+    still keeps the cost within it: the float region grows from where it touches the float
+    part before it instead of taking a whole block. ``tmp/q.onnx`` is replaced when a shorter
+    run is found; returns the final drop."""
+    last = units[kept[-1]]
+    base = forced + [n for u in kept[:-1] for n in units[u]]
+    lo, hi, best = 0, len(last), None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = tmp / f"part{mid}.onnx"
+        _static(src, trial, cache=cache, reader=None, nodes_to_exclude=base + last[:mid], src_proto=proto)
+        cost = report.float_psnr - checker.psnr(trial)
+        report.search.append({"float_units": len(kept) - 1, "partial_nodes": mid, "drop_db": round(cost, 4)})
+        log(f"  {len(kept) - 1} unit(s) and the first {mid} of {len(last)} nodes of {kept[-1]} float: {cost:+.4f} dB")
+        if cost <= report.max_drop_db:
+            hi, best = mid, (trial, cost)
+        else:
+            lo = mid
+    if best is None:
+        return drop
+    os.replace(best[0], tmp / "q.onnx")
+    report.partial_float = {"unit": kept[-1], "nodes": hi, "of": len(last), "float_nodes": last[:hi]}
+    return best[1]
 
 
 # the run time share charged to any unit kept float on top of its multiply-adds: the
@@ -594,7 +635,10 @@ def format_report(report: QuantizeReport, top: int = 15) -> str:
         if len(report.units) > top:
             lines.append(f"  ... {len(report.units) - top} more in the JSON report")
     lines.append(f"{report.method}: {len(report.forced_float)} LayerNorm/Softmax node(s) float, "
-                 f"{len(report.kept_float)} sensitive unit(s) float, {report.qdq_nodes} Q/DQ nodes")
+                 f"{len(report.kept_float)} sensitive unit(s) float"
+                 + (f" (of {report.partial_float['unit']} only its first {report.partial_float['nodes']} of "
+                    f"{report.partial_float['of']} nodes)" if report.partial_float else "")
+                 + f", {report.qdq_nodes} Q/DQ nodes")
     if report.drop_db is not None:
         lines.append(f"held-out patches: {report.float_psnr:.3f} dB float -> {report.quantized_psnr:.3f} dB int8 "
                      f"({-report.drop_db:+.3f} dB; allowed {report.max_drop_db} dB)")
