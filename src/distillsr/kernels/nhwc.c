@@ -58,6 +58,19 @@ static long col_part(int layout, int j, int H, int W) {
     default: ROW(C); break;                     \
     }
 
+/* Calls REG(nv, tail) for the channel counts dw_row_reg keeps in registers (C = 8 nv + 4
+ * tail: 12, 16, 24, 32, 36, 48); `other` runs for any other C. */
+#define BY_REG_WIDTH(C, REG, other)             \
+    switch (C) {                                \
+    case 12: REG(1, 1); break;                  \
+    case 16: REG(2, 0); break;                  \
+    case 24: REG(3, 0); break;                  \
+    case 32: REG(4, 0); break;                  \
+    case 36: REG(4, 1); break;                  \
+    case 48: REG(6, 0); break;                  \
+    default: other;                             \
+    }
+
 /* ------------------------------------------------------------------ LayerNorm */
 typedef float v4f __attribute__((vector_size(16)));
 
@@ -427,15 +440,7 @@ void dwconv3x3(const float *x, long xs, const float *wt, const float *bias,
         yr = y + sp * part + row_part(layout, bi / H, i, H, W) * C;
 #define REG(nv, tail) dw_row_reg(xr, xr2, xs, -rs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, nv, tail)
 #define ROW(c) dw_row(xr, xr2, xs, rs, i > 0, i < H - 1, wts, wt2, bias, yr, cols, W, act, c)
-        switch (C) {
-        case 12: REG(1, 1); break;
-        case 16: REG(2, 0); break;
-        case 24: REG(3, 0); break;
-        case 32: REG(4, 0); break;
-        case 36: REG(4, 1); break;
-        case 48: REG(6, 0); break;
-        default: BY_CHANNELS(C, ROW)
-        }
+        BY_REG_WIDTH(C, REG, BY_CHANNELS(C, ROW));
 #undef ROW
 #undef REG
         }
@@ -949,14 +954,7 @@ int gate_linear(const float *x, const float *x2, long xs, const float *wt, const
         float *buf = bufs + (size_t)omp_get_thread_num() * W * C;
         const float *xr = x + bi * rs, *xr2 = x2 + bi * rs;
 #define REG(nv, tail) dw_row_reg(xr, xr2, xs, -rs, rs, i > 0, i < H - 1, wt, wt2, NULL, buf, cols, W, 1, nv, tail)
-        switch (C) {
-        case 12: REG(1, 1); break;
-        case 16: REG(2, 0); break;
-        case 24: REG(3, 0); break;
-        case 32: REG(4, 0); break;
-        case 36: REG(4, 1); break;
-        default: REG(6, 0); break; /* 48 */
-        }
+        BY_REG_WIDTH(C, REG, REG(6, 0) /* 48: the callers check */);
 #undef REG
         segs_t sg = {.x = {buf}, .xs = {C}, .k = {C}, .n = 1};
         const float *ar = add ? add + bi * W * lda : NULL;
@@ -1117,14 +1115,7 @@ int gfn_rows(const float *x, long xs, int B, int H, int W, int d, const float *w
             const float *mid = ring + (bi % 3) * rowlen;
             const long up = ((bi + 2) % 3 - bi % 3) * rowlen, dn = ((bi + 1) % 3 - bi % 3) * rowlen;
 #define REG(nv, tail) dw_row_reg(mid, mid + d, 2 * d, up, dn, i > 0, i < H - 1, wt, wt2, NULL, gate, cols, W, 1, nv, tail)
-            switch (d) {
-            case 12: REG(1, 1); break;
-            case 16: REG(2, 0); break;
-            case 24: REG(3, 0); break;
-            case 32: REG(4, 0); break;
-            case 36: REG(4, 1); break;
-            default: REG(6, 0); break; /* 48 */
-            }
+            BY_REG_WIDTH(d, REG, REG(6, 0) /* 48: the callers check */);
 #undef REG
             segs_t sg = {.x = {gate}, .xs = {d}, .k = {d}, .n = 1};
             const float *ar = add ? add + bi * W * lda : NULL;
@@ -1180,14 +1171,7 @@ int qkv_rows(const float *x, long xs, int B, int H, int W, int d, const float *g
                 const float *xr = mid + sp * d, *wts = taps + sp * 9 * d;
                 float *yr = y + sp * part + row_part(layout, bi / H, i, H, W) * d;
 #define REG(nv, tail) dw_row_reg(xr, NULL, 3 * d, up, dn, i > 0, i < H - 1, wts, NULL, NULL, yr, cols, W, 0, nv, tail)
-                switch (d) {
-                case 12: REG(1, 1); break;
-                case 16: REG(2, 0); break;
-                case 24: REG(3, 0); break;
-                case 32: REG(4, 0); break;
-                case 36: REG(4, 1); break;
-                default: REG(6, 0); break; /* 48 */
-                }
+                BY_REG_WIDTH(d, REG, REG(6, 0) /* 48: the callers check */);
 #undef REG
             }
         }
